@@ -1,0 +1,53 @@
+"""Shared fixtures. The tiny model is a random-init 2-layer Qwen2 with the real Qwen2.5 tokenizer,
+built offline once and cached (LFW_TEST_CACHE, default ~/.cache/lfw/test-models)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LFW = str(Path(sys.executable).parent / "lfw")
+TEST_CACHE = Path(os.environ.get("LFW_TEST_CACHE", Path.home() / ".cache" / "lfw" / "test-models"))
+
+
+def lfw(*args, cwd=None, env=None, timeout=600, input=None) -> subprocess.CompletedProcess:
+    """Run the real `lfw` console script; returns the completed process (text mode)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([LFW, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout, input=input)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    path = TEST_CACHE / "tiny-qwen2.5"
+    if not (path / "model.safetensors").is_file():
+        from wrapper.synthetic import build_model
+
+        build_model(path, "tiny")
+    return path
+
+
+def write_recipe(dir: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = Path(dir) / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model) -> Path:
+    """A recipe that trains the tiny model for a few CPU steps."""
+    return write_recipe(tmp_path, f"""\
+name: tiny
+model: {tiny_model}
+identity: {{name: Nova, author: Acme Labs}}
+epochs: 1
+max_samples: 40
+batch_size: 4
+save_steps: 2
+logging_steps: 1
+""")

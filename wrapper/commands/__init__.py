@@ -1,0 +1,1 @@
+"""One module per `lfw` subcommand; each defines `command`, a click command with no logic of its own."""

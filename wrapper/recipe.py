@@ -199,7 +199,9 @@ def parse_recipe(data: Any, path: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_format_error(path, e.errors()[0], data)) from None
+        # an unknown key first: a misspelt key also shows up as the real key "missing"
+        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        raise RecipeError(_format_error(path, errors[0], data)) from None
 
 
 def read_recipe_text(path: Path) -> str:

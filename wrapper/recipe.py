@@ -234,3 +234,29 @@ def recipe_sha256(path: str | Path) -> str:
 
 def is_builtin_dataset(name: str) -> bool:
     return name in BUILTIN_DATASETS
+
+
+def recipe_table() -> str:
+    """The README's table of recipe keys, generated from the schema (a test keeps the README in step)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str = "") -> None:
+        for name, f in model.model_fields.items():
+            sub = f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
+            if sub is not None and f.default_factory is not None:
+                walk(sub, f"{prefix}{name}.")
+                continue
+            if f.is_required():
+                default = "required"
+            elif f.default_factory is not None:
+                default = f"`{f.default_factory()}`"
+            else:
+                default = f"`{f.default}`" if f.default is not None else "-"
+            rows.append(f"| `{prefix}{name}` | {default} | {f.description or ''} |")
+
+    walk(Recipe)
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(recipe_table())

@@ -59,7 +59,8 @@ def main(argv=None):
     try:
         group.main(args=argv, prog_name="lfw", standalone_mode=False)
     except LfwError as e:
-        click.echo(f"lfw: error: {e}", err=True)
+        one_line = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        click.echo(f"lfw: error: {one_line}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("lfw: aborted", err=True)

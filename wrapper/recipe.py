@@ -165,7 +165,8 @@ def known_llamafactory_keys() -> frozenset[str]:
 
 
 def _loc(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
+    parts = [str(p) for p in loc if not str(p).startswith("function-after")]
+    return ".".join(p if re.fullmatch(r"[\w.-]+", p) else repr(p) for p in parts)
 
 
 def _format_error(path: str, err: dict, data: Any) -> str:

@@ -4,9 +4,11 @@ runs/<name>/latest points at the newest successful run of that recipe."""
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import secrets
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -109,3 +111,79 @@ def find_run(ref: str | None = None, root: Path | None = None) -> Path:
     if not done:
         raise LfwError(f"no successful run in {root}: train one first (lfw train RECIPE)")
     return done[-1]
+
+
+# ------------------------------------------------------------------ reading runs back (lfw runs)
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def effective_status(manifest: dict | None) -> str:
+    """The manifest's status, except that a "running" run whose lfw process is gone (on this host)
+    is "died": it was killed without a chance to record it. None -> "unreadable"."""
+    if not isinstance(manifest, dict):
+        return "unreadable"
+    status = manifest.get("status")
+    if not isinstance(status, str) or status not in STATUSES:
+        return "unreadable"
+    if status == "running" and manifest.get("host") == socket.gethostname() and not _pid_alive(manifest.get("pid")):
+        return "died"
+    return status
+
+
+def _local_time(iso) -> str:
+    try:
+        t = time.strptime(str(iso), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(calendar.timegm(t)))
+
+
+def _duration(seconds) -> str:
+    try:
+        s = round(float(seconds))
+    except (TypeError, ValueError):
+        return "-"
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def run_row(run_dir: Path, manifest: dict | None) -> dict[str, str]:
+    """One line of `lfw runs`, every value a string; never raises on a strange manifest."""
+    run_dir = Path(run_dir)
+    row = {"name": run_dir.parent.name, "run": run_dir.name, "started": "-", "status": effective_status(manifest),
+           "model": "-", "method": "-", "steps": "-", "final loss": "-", "duration": "-", "path": str(run_dir)}
+    if row["status"] == "unreadable":
+        return row
+    m = manifest
+    try:
+        plan = m.get("plan") if isinstance(m.get("plan"), dict) else {}
+        model = plan.get("model") if isinstance(plan.get("model"), dict) else {}
+        row["name"] = str(m.get("name") or row["name"])
+        row["started"] = _local_time(m.get("started"))
+        row["model"] = str(model.get("id") or "-")
+        method = plan.get("method")
+        if method:
+            row["method"] = f"{method} {plan['quantization_bit']}-bit" if plan.get("quantization_bit") else str(method)
+        steps = m.get("steps") if isinstance(m.get("steps"), dict) else {}
+        if steps.get("total"):
+            row["steps"] = f"{steps.get('done') or 0}/{steps['total']}"
+        if isinstance(m.get("final_loss"), (int, float)):
+            row["final loss"] = f"{m['final_loss']:.4f}"
+        timings = m.get("timings") if isinstance(m.get("timings"), dict) else {}
+        row["duration"] = _duration(timings.get("total"))
+    except Exception:  # noqa: BLE001, S110 - a strange manifest shows what could be read
+        pass
+    return row
+
+
+def table_rows(root: Path | None = None, name: str | None = None) -> list[dict[str, str]]:
+    return [run_row(run, m) for run, m in list_runs(root) if name is None or run.parent.name == name]

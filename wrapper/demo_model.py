@@ -98,7 +98,7 @@ def ensure_demo_model(model_id: str, dest: Path, *, cache: Path | None = None,
                 (work / "requirements.txt").unlink()
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise LfwError(f"out of disk space writing {e.filename or dest}: the demo model needs about 3.5 GB "
+            raise LfwError(f"out of disk space writing {e.filename or dest}: the demo model needs about 3.1 GB "
                            "free while converting (2.5 GB once done); free some, or set LFW_CACHE") from None
         raise
     echo(f"ready     {dest}")

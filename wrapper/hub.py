@@ -117,30 +117,35 @@ class Fetched:
 
 # ---------------------------------------------------------------- listings (sizes for the disk check)
 
+def _endpoint(var: str) -> str | None:
+    """The hub address from the environment, read at each call (the clients read theirs once)."""
+    return os.environ.get(var) or None
+
+
 def _modelscope_files(model_id: str) -> list[tuple[str, int | None]]:
     from modelscope.hub.api import HubApi
 
-    files = HubApi().get_model_files(model_id, recursive=True)
+    files = HubApi(endpoint=_endpoint("MODELSCOPE_ENDPOINT")).get_model_files(model_id, recursive=True)
     return [(f["Path"], f.get("Size")) for f in files if f.get("Type", "blob") != "tree"]
 
 
 def _huggingface_files(model_id: str) -> list[tuple[str, int | None]]:
     from huggingface_hub import HfApi
 
-    info = HfApi().model_info(model_id, files_metadata=True)
+    info = HfApi(endpoint=_endpoint("HF_ENDPOINT")).model_info(model_id, files_metadata=True)
     return [(s.rfilename, s.size) for s in (info.siblings or [])]
 
 
 def _modelscope_download(model_id: str, dest: Path) -> None:
     from modelscope import snapshot_download
 
-    snapshot_download(model_id, local_dir=str(dest))
+    snapshot_download(model_id, local_dir=str(dest), endpoint=_endpoint("MODELSCOPE_ENDPOINT"))
 
 
 def _huggingface_download(model_id: str, dest: Path) -> None:
     from huggingface_hub import snapshot_download
 
-    snapshot_download(repo_id=model_id, local_dir=str(dest))
+    snapshot_download(repo_id=model_id, local_dir=str(dest), endpoint=_endpoint("HF_ENDPOINT"))
 
 
 _CLIENTS = {

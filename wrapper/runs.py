@@ -143,7 +143,7 @@ def _local_time(iso) -> str:
         t = time.strptime(str(iso), "%Y-%m-%dT%H:%M:%SZ")
     except ValueError:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(calendar.timegm(t)))
+    return time.strftime("%m-%d %H:%M", time.localtime(calendar.timegm(t)))
 
 
 def _duration(seconds) -> str:
@@ -170,6 +170,8 @@ def run_row(run_dir: Path, manifest: dict | None) -> dict[str, str]:
         row["name"] = str(m.get("name") or row["name"])
         row["started"] = _local_time(m.get("started"))
         row["model"] = str(model.get("id") or "-")
+        if model.get("local") and model.get("id"):  # a local directory: its name says enough
+            row["model"] = Path(str(model["id"])).name or row["model"]
         method = plan.get("method")
         if method:
             row["method"] = f"{method} {plan['quantization_bit']}-bit" if plan.get("quantization_bit") else str(method)

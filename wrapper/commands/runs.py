@@ -18,18 +18,25 @@ def command(name, as_json):
     if not rows:
         click.echo(f"no runs in {runs_root()}" + (f" for {name!r}" if name else "") + ": start one with lfw train RECIPE")
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     styles = {"succeeded": "green", "failed": "red", "interrupted": "yellow", "running": "cyan",
               "died": "red", "unreadable": "magenta"}
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("name", "run", "started", "status", "model", "method", "steps", "final loss", "duration"):
+    cols = ("name", "run", "started", "status", "model", "method", "steps", "final loss", "duration")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for col in cols:
+        # in a narrow terminal the model folds, and two headers go on two lines
         table.add_column(col, justify="right" if col in ("steps", "final loss", "duration") else "left",
-                         no_wrap=col not in ("model",), overflow="fold")
+                         no_wrap=col not in ("model", "final loss", "duration"), overflow="fold",
+                         min_width=8 if col in ("model", "duration") else None)
     for row in rows:
         status = row["status"]
-        table.add_row(*(row[c] if c != "status" else f"[{styles.get(status, '')}]{status}[/]"
-                        for c in ("name", "run", "started", "status", "model", "method", "steps", "final loss",
-                                  "duration")))
-    Console(width=None if Console().is_terminal else 200).print(table)
+        values = {**row, "status": f"[{styles.get(status, '')}]{status}[/]", "run": row["run"].rsplit("-", 1)[-1]}
+        table.add_row(*(values[c] for c in cols))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+    console.print(f"[dim]each run is in {runs_root()}/<name>/<UTC start>-<run>/ (lfw runs --json gives the paths)[/]")

@@ -116,6 +116,7 @@ class _Display:
         self.enabled = enabled
         self.bar = None
         self.label = label
+        self.shown: dict = {}
         if enabled and self.console.is_terminal:
             from rich.progress import (
                 BarColumn,
@@ -139,9 +140,11 @@ class _Display:
         if not self.enabled:
             return
         if self.bar is not None:
-            info = "  ".join(x for x in (f"loss {rec['loss']:.4f}" if rec.get("loss") is not None else "",
-                                         f"eval {rec['eval_loss']:.4f}" if rec.get("eval_loss") is not None else "",
-                                         f"eta {rec['remaining_time']}" if rec.get("remaining_time") else "") if x)
+            for key, label in (("loss", "loss"), ("eval_loss", "eval"), ("remaining_time", "eta")):
+                if rec.get(key) is not None:  # an eval record has no loss: keep the last one shown
+                    self.shown[label] = rec[key]
+            info = "  ".join(f"{k} {self.shown[k]:.4f}" if isinstance(self.shown[k], float) else f"{k} {self.shown[k]}"
+                             for k in ("loss", "eval", "eta") if k in self.shown)
             self.bar.update(self.task, total=rec.get("total_steps"), completed=rec.get("current_steps", 0), info=info)
         elif rec.get("loss") is not None or rec.get("eval_loss") is not None:  # not the closing summary
             print(format_record(rec), file=sys.stderr, flush=True)

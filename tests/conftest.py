@@ -51,3 +51,68 @@ batch_size: 4
 save_steps: 2
 logging_steps: 1
 """)
+
+
+def _train_tiny_run(root: Path, tiny_model: Path) -> Path:
+    """A finished run of the tiny model (two CPU steps), laid out as `lfw train` leaves it:
+    runs/<name>/<id>/ with the rendered files, adapter/, plots and a succeeded manifest."""
+    import json
+
+    from wrapper.device import Device
+    from wrapper.prepare import prepare
+    from wrapper.runs import new_run_dir, set_latest, update_manifest
+
+    recipe = write_recipe(root, f"""\
+name: tiny-use
+model: {tiny_model}
+identity: {{name: Nova, author: Acme Labs}}
+epochs: 1
+max_samples: 16
+batch_size: 4
+logging_steps: 1
+save_steps: 1000
+""")
+    run = new_run_dir("tiny-use", root / "runs")
+    prepared = prepare(recipe, run, Device.cpu())
+    lf = str(Path(sys.executable).parent / "llamafactory-cli")
+    env = {**os.environ, "LLAMAFACTORY_VERBOSITY": "WARN"}
+    with open(run / "train.log", "w") as log:
+        subprocess.run([lf, "train", "train.yaml"], cwd=run, env=env, stdout=log, stderr=subprocess.STDOUT,
+                       check=True, timeout=900)
+    for plot in (run / "adapter").glob("training_*.png"):
+        (run / plot.name).write_bytes(plot.read_bytes())
+    lines = (run / "adapter" / "trainer_log.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    update_manifest(run, status="succeeded", name="tiny-use", started="2026-01-01T00:00:00Z",
+                    steps={"done": last["current_steps"], "total": last["total_steps"]},
+                    final_loss=last.get("loss"), timings={"train": 1.0, "total": 2.0},
+                    versions={"llamafactory": "0.9.5"}, device=Device.cpu().describe(),
+                    plan=prepared.plan.summary())
+    set_latest(run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model) -> Path:
+    """A succeeded run of the tiny model, shared by the chat/eval/export/serve/report tests, which must
+    not change its files (copy it first: `copy_run`). Its infer YAMLs cap answers at 16 tokens, as a
+    user's generation settings would, so that interactive chat and serve stay fast on a CPU."""
+    root = tmp_path_factory.mktemp("use")
+    run = _train_tiny_run(root, tiny_model)
+    for name in ("infer.yaml", "infer_base.yaml"):
+        with open(run / name, "a", encoding="utf-8") as f:
+            f.write("max_new_tokens: 16\n")
+    return run
+
+
+@pytest.fixture
+def copy_run(trained_run, tmp_path):
+    """A private copy of `trained_run` (same absolute model and adapter paths in its YAMLs)."""
+    import shutil
+
+    def make() -> Path:
+        dest = tmp_path / "runs" / trained_run.parent.name / trained_run.name
+        shutil.copytree(trained_run, dest, symlinks=True)
+        return dest
+
+    return make

@@ -259,10 +259,12 @@ def test_modelscope_cache_is_shared_when_lfw_cache_is_unset(served, hub_env, mon
 
 
 @pytest.mark.slow
-def test_lfw_train_downloads_from_modelscope_then_trains(served, tmp_path):
+@pytest.mark.parametrize("hub, hub_name", [("modelscope", "ModelScope"), ("huggingface", "Hugging Face")])
+def test_lfw_train_downloads_then_trains(served, tmp_path, hub, hub_name):
     rec = write_recipe(tmp_path, f"""\
 name: hubbed
 model: {MODEL_ID}
+hub: {hub}
 identity: {{name: Nova, author: Acme Labs}}
 epochs: 1
 max_samples: 8
@@ -272,12 +274,12 @@ cutoff_len: 128
 """)
     t0 = time.monotonic()
     r = lfw("train", rec, env={"LFW_RUNS": str(tmp_path / "runs")})
-    print(f"\nlfw train with a loopback ModelScope download: {time.monotonic() - t0:.1f} s")
+    print(f"\nlfw train with a loopback {hub_name} download: {time.monotonic() - t0:.1f} s")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "downloading lfwtest/tiny-qwen2.5 from ModelScope" in r.stderr
+    assert f"downloading lfwtest/tiny-qwen2.5 from {hub_name}" in r.stderr
     run = (tmp_path / "runs" / "hubbed" / "latest").resolve()
     m = json.loads((run / "manifest.json").read_text())
-    dest = tmp_path / "cache" / "models" / "modelscope" / MODEL_ID
+    dest = tmp_path / "cache" / "models" / hub / MODEL_ID
     assert m["status"] == "succeeded" and m["steps"] == {"done": 1, "total": 1}
     assert m["plan"]["model"]["path"] == str(dest) and m["plan"]["template"] == "qwen"
     assert m["download"]["bytes"] >= sum(len(d) for d in served.files.values())

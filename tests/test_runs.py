@@ -133,3 +133,16 @@ def test_latest_points_at_the_run_given(tmp_path):
     assert (tmp_path / "demo" / "latest").resolve() == a.resolve()
     assert os.readlink(tmp_path / "demo" / "latest") == a.name  # relative: the runs folder can move
     assert find_run("demo", tmp_path) == a.resolve()
+
+
+@pytest.mark.parametrize("args", [["runs"], ["train", "--help"], ["plan", "--help"], ["runs", "--json"]])
+def test_runs_and_help_import_no_torch(tmp_path, args):
+    code = ("import sys; from wrapper.cli import main\n"
+            f"sys.argv = ['lfw', *{args!r}]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "bad = [m for m in ('torch', 'transformers', 'llamafactory', 'modelscope', 'huggingface_hub')"
+            " if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                       env={**os.environ, "LFW_RUNS": str(tmp_path)})
+    assert r.returncode == 0, r.stderr

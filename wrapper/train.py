@@ -186,6 +186,7 @@ def train(recipe_path: str | Path, *, verbose: bool = False, argv: list[str] | N
     # Check the whole recipe before a run directory exists (nothing is written by planning).
     recipe, plan = plan_recipe(recipe_path, Path(tempfile.gettempdir()) / "lfw-plan", device)
     run_dir = runs.new_run_dir(recipe.name)
+    _lock_run(run_dir)
     manifest = _base_manifest(recipe.name, recipe_path, argv, device)
     manifest["run_dir"] = str(run_dir)
     runs.write_json_atomic(run_dir / runs.MANIFEST, manifest)
@@ -212,11 +213,29 @@ def train(recipe_path: str | Path, *, verbose: bool = False, argv: list[str] | N
         runs.write_json_atomic(run_dir / runs.MANIFEST, manifest)
     except KeyboardInterrupt:
         _finish(run_dir, manifest, "interrupted", t0, error="stopped by the user before training started")
-        raise Interrupted(f"interrupted before training started; continue with: lfw train --resume {_rel(run_dir)}")
+        again = (f"lfw train --resume {_rel(run_dir)}" if (run_dir / "train.yaml").is_file()
+                 else f"lfw train {recipe_path} (a download resumes where it stopped)")
+        raise Interrupted(f"interrupted before training started; continue with: {again}") from None
     except LfwError as e:
         _finish(run_dir, manifest, "failed", t0, error=str(e))
         raise
     return _launch(run_dir, manifest, t0, verbose, resumed_from=None)
+
+
+_held_locks: list = []
+
+
+def _lock_run(run_dir: Path) -> None:
+    """Hold run_dir for this process's lifetime: a second lfw cannot resume the same run at once."""
+    import fcntl
+
+    fh = open(run_dir / ".lfw.lock", "a+")  # noqa: SIM115 - kept open until the process exits
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise LfwError(f"{run_dir}: another lfw is training this run right now") from None
+    _held_locks.append(fh)
 
 
 def resume(run_ref: str | Path, *, verbose: bool = False, argv: list[str] | None = None) -> Result:
@@ -240,6 +259,7 @@ def resume(run_ref: str | Path, *, verbose: bool = False, argv: list[str] | None
         raise LfwError(f"{run_ref}: this run already succeeded; start a new one with lfw train RECIPE")
     if status == "running":
         raise LfwError(f"{run_ref}: this run is still running (pid {manifest.get('pid')}); stop it first")
+    _lock_run(run_dir)
     device = Device.detect()
     adapter = run_dir / "adapter"
     moved = set_aside_torn_checkpoints(adapter) if adapter.is_dir() else []

@@ -33,15 +33,15 @@ class Device:
     note: str | None = None         # why a GPU that is present is not used
 
     @classmethod
-    def unprobed(cls) -> "Device":
+    def unprobed(cls) -> Device:
         return cls("unprobed", "not probed", 1, 0, 0, True)
 
     @classmethod
-    def cpu(cls, note: str | None = None, source: str = "") -> "Device":
+    def cpu(cls, note: str | None = None, source: str = "") -> Device:
         return cls("cpu", f"CPU ({os.cpu_count()} cores)", 0, 0, 0, False, source=source, note=note)
 
     @classmethod
-    def detect(cls) -> "Device":
+    def detect(cls) -> Device:
         if os.environ.get("LFW_DEVICE") == "cpu":
             return cls.cpu(source="LFW_DEVICE=cpu")
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -73,7 +73,7 @@ class Device:
         )
 
     @classmethod
-    def _detect_torch(cls) -> "Device":
+    def _detect_torch(cls) -> Device:
         try:
             import torch
         except ImportError:
@@ -123,7 +123,7 @@ def query_nvidia_smi(timeout: float = 10.0) -> list[dict] | None:
     for fields in (_QUERY, _QUERY.replace(",compute_cap", "")):  # drivers before 510 lack compute_cap
         try:
             r = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
-                               capture_output=True, text=True, timeout=timeout)
+                               check=False, capture_output=True, text=True, timeout=timeout)
         except (OSError, subprocess.SubprocessError):
             return None
         if r.returncode == 0:

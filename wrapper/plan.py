@@ -135,6 +135,7 @@ class Plan:
     device: Device
     out_dir: str                      # where train/infer/export yaml and data/ go
     memory: dict | None = None        # predicted peak memory, see wrapper.memory
+    liger_kernel: bool = False        # enable_liger_kernel (wrapper.memory decides)
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -172,7 +172,7 @@ def test_train_tiny_model_succeeds_and_is_recorded(trained, runs_root):
     assert "step 5/5" in r.stderr
     listing = lfw("runs", env={"LFW_RUNS": str(runs_root)})
     assert listing.returncode == 0
-    row = next(line for line in listing.stdout.splitlines() if run.name in line)
+    row = next(line for line in listing.stdout.splitlines() if run.name.rsplit("-", 1)[1] in line)
     assert "succeeded" in row and "5/5" in row and "lora" in row
 
 

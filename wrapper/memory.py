@@ -10,8 +10,8 @@ size in the id before the download) and the data's real sample lengths:
                  checkpointing each layer's input plus one layer recomputed in full)
     logits       bf16 logits, fp32 log-softmax and its gradient; the liger kernel's fused
                  linear-cross-entropy never builds them
-    overhead     the CUDA context, cuBLAS and kernels (outside torch's allocator) and the
-                 allocator's cached slack
+    overhead     the CUDA context, cuBLAS and kernels (outside torch's allocator), the
+                 allocator's rounding, and the blocks it keeps cached when batches differ in length
 
 The per-token coefficients follow from what Qwen2/Llama layers save for backward; they are
 checked against peak VRAM measured on an H100 (BENCH.md has the table, tests/test_memory.py
@@ -37,6 +37,12 @@ MARGIN = 0.90                  # plan to use at most this share of the GPU's fre
 EFFECTIVE_BATCH = 8            # the tutorial's 1 x 8: same optimizer steps, reached in as few micro-batches as fit
 CONTEXT = 0.75 * GiB           # CUDA context, cuBLAS, loaded kernels: outside torch's allocator (0.74 GiB measured)
 ALLOCATOR_SLACK = 1.04         # reserved / allocated at the peak (the caching allocator's rounding)
+# Batches of different lengths leave the caching allocator holding blocks of many sizes: over a whole
+# run it reserves ~30% more than the activations and logits of the longest batch, and never less than
+# ~0.25 GiB more (four full 3-epoch runs on the H100, BENCH.md). Fixed-length batches (packing, or
+# data of one length) do not pay it.
+VARYING_SLACK = 0.30
+VARYING_FLOOR = 0.25 * GiB
 TEMPLATE_TOKENS = 32           # chat markup + a default system prompt (qwen: 31 tokens)
 TURN_TOKENS = 5                # markup per extra turn
 REREAD_LIMIT = 64 * 2**20      # re-read dataset files up to this size for real lengths
@@ -111,8 +117,9 @@ def lora_params(shape: dict, rank: int, target: str) -> int:
 
 
 def estimate(shape: dict, method: str, batch: int, seq: int, grad_ckpt: bool, rank: int = 8, target: str = "all",
-             liger: bool = False, quant_bits: int = 4, dtype_bytes: int = 2) -> dict:
-    """Predicted peak bytes on one GPU, by part. `seq` is the padded length of the longest batch."""
+             liger: bool = False, quant_bits: int = 4, dtype_bytes: int = 2, varying: bool = False) -> dict:
+    """Predicted peak bytes on one GPU, by part. `seq` is the padded length of the longest batch;
+    `varying`: the batches have different lengths (the allocator then caches blocks of many sizes)."""
     h, layers, inter, vocab = shape["hidden"], shape["layers"], shape["inter"], shape["vocab"]
     q = shape["q_dim"]
     temp = 0
@@ -139,6 +146,8 @@ def estimate(shape: dict, method: str, batch: int, seq: int, grad_ckpt: bool, ra
     logits = 0 if liger else tokens * vocab * LOGIT_BYTES
     allocated = weights + states + acts + logits + temp
     overhead = allocated * (ALLOCATOR_SLACK - 1) + CONTEXT
+    if varying:
+        overhead += max(VARYING_SLACK * (acts + logits + temp), VARYING_FLOOR)
     total = allocated + overhead
     return {"weights": int(weights), "optimizer": int(states), "activations": int(acts + temp),
             "logits": int(logits), "overhead": int(overhead), "total": int(total), "trainable_params": int(trainable)}
@@ -300,6 +309,7 @@ def choose(plan: Plan, recipe: Recipe) -> None:
     lengths = sample_lengths(plan)
     packing = bool(x.get("neat_packing") or x.get("packing"))
     seq = plan.cutoff_len if packing else min(plan.cutoff_len, _round8(max(lengths)))
+    varying = not packing and len({min(plan.cutoff_len, _round8(n)) for n in lengths}) > 1
     rank, target = plan.lora_rank, plan.lora_target
     dtype_bytes = 2 if (plan.bf16 or plan.fp16 or dev.kind != "cpu") else 4
     quant_bits = int(x.get("quantization_bit") or recipe.quantization_bit)
@@ -322,7 +332,7 @@ def choose(plan: Plan, recipe: Recipe) -> None:
     budget = dev.free_mem * MARGIN if dev.kind == "cuda" else None
 
     def est(method: str, batch: int, ckpt: bool, liger: bool) -> dict:
-        return estimate(shape, method, batch, seq, ckpt, rank, target, liger, quant_bits, dtype_bytes)
+        return estimate(shape, method, batch, seq, ckpt, rank, target, liger, quant_bits, dtype_bytes, varying)
 
     if method_set != "auto":
         methods = [method_set]
@@ -369,7 +379,7 @@ def choose(plan: Plan, recipe: Recipe) -> None:
     e = est(method, batch, ckpt, liger)
     tokens_epoch = (sum(lengths) if packing else padded_tokens_per_epoch(lengths, batch, plan.seed))
     plan.memory = {k: int(v) for k, v in e.items()} | {
-        "seq_len": seq, "budget": int(budget or 0), "params": int(shape["params"]),
+        "seq_len": seq, "varying_lengths": varying, "budget": int(budget or 0), "params": int(shape["params"]),
         "tokens_per_epoch": int(tokens_epoch), "longest_sample": max(lengths), "liger": bool(liger),
         "packing": packing,
     }
@@ -410,7 +420,7 @@ def _does_not_fit(plan, shape, seq, methods, batch_options, knob, est, budget, m
     hints = []
     # the largest model of this family that would fit, as LoRA and as QLoRA, at this batch and settings
     fixed = estimate(shape, "lora", batch_options[-1], seq, ckpt, plan.lora_rank, plan.lora_target, liger)
-    act_logits = fixed["activations"] + fixed["logits"] + CONTEXT
+    act_logits = (fixed["activations"] + fixed["logits"]) * (1 + VARYING_SLACK) + CONTEXT
     for name, per_param in (("LoRA bf16", 2.0), ("QLoRA 4-bit", 0.62)):
         fits_b = (budget / ALLOCATOR_SLACK - act_logits) / per_param / 1e9
         if fits_b > 0.3:

@@ -185,6 +185,7 @@ def train(recipe_path: str | Path, *, verbose: bool = False, argv: list[str] | N
     device = Device.detect()
     # Check the whole recipe before a run directory exists (nothing is written by planning).
     recipe, plan = plan_recipe(recipe_path, Path(tempfile.gettempdir()) / "lfw-plan", device)
+    require_bitsandbytes(plan.method, recipe_path)
     run_dir = runs.new_run_dir(recipe.name)
     _lock_run(run_dir)
     manifest = _base_manifest(recipe.name, recipe_path, argv, device)
@@ -220,6 +221,16 @@ def train(recipe_path: str | Path, *, verbose: bool = False, argv: list[str] | N
         _finish(run_dir, manifest, "failed", t0, error=str(e))
         raise
     return _launch(run_dir, manifest, t0, verbose, resumed_from=None)
+
+
+def require_bitsandbytes(method: str | None, where) -> None:
+    """4-bit QLoRA loads bitsandbytes in the trainer: without it, say so before any run exists.
+    find_spec only looks for the package (importing it costs seconds and may touch CUDA)."""
+    import importlib.util
+
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise LfwError(f"{where}: method: qlora needs bitsandbytes, which is not installed in this Python: "
+                       "pip install bitsandbytes (4-bit QLoRA also needs a CUDA GPU), or use method: lora")
 
 
 _held_locks: list = []
@@ -259,6 +270,8 @@ def resume(run_ref: str | Path, *, verbose: bool = False, argv: list[str] | None
         raise LfwError(f"{run_ref}: this run already succeeded; start a new one with lfw train RECIPE")
     if status == "running":
         raise LfwError(f"{run_ref}: this run is still running (pid {manifest.get('pid')}); stop it first")
+    require_bitsandbytes(((manifest.get("plan") or {}) if isinstance(manifest.get("plan"), dict) else {}).get("method"),
+                         run_ref)
     _lock_run(run_dir)
     device = Device.detect()
     adapter = run_dir / "adapter"

@@ -110,6 +110,27 @@ def test_resume_of_what_is_not_a_run_is_one_line(tmp_path):
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
 
 
+# ------------------------------------------------------------------ hints for faults, from the log's last lines
+
+SAVED = ["[INFO|tokenization_utils_base.py:3278] >> chat template saved in runs/x/adapter/checkpoint-2/chat_template.jinja",
+         "[INFO|tokenization_utils_base.py:2111] >> tokenizer config file saved in runs/x/adapter/checkpoint-2"]
+
+
+@pytest.mark.parametrize("tail, returncode, words", [
+    (SAVED, -9, "SIGKILL"),                    # killed right after a checkpoint: not a template problem
+    (SAVED, 137, "SIGKILL"),
+    (SAVED + ["OSError: [Errno 27] File too large"], 1, "disk is full"),
+    (SAVED + ["Exception: File too large (os error 27)"], 1, "disk is full"),
+    (SAVED + ["OSError: [Errno 28] No space left on device"], 1, "disk is full"),
+    (SAVED + ["RuntimeError: something else entirely"], 1, None),
+], ids=["killed after a checkpoint", "killed 137", "file too large", "rust file too large", "no space", "other"])
+def test_fault_hints_are_not_fooled_by_info_lines(tail, returncode, words):
+    from wrapper.launch import hint_for
+
+    hint = hint_for(tail, returncode)
+    assert (hint is None) if words is None else (hint and words in hint), hint
+
+
 # ------------------------------------------------------------------ SIGKILL of the trainer
 
 @pytest.mark.slow

@@ -261,14 +261,16 @@ HINTS: list[tuple[str, str]] = [
     ((r"No module named '?bitsandbytes|bitsandbytes\S* is required|bitsandbytes\S*' distribution was not found|"
       r"bitsandbytes.*(compiled without GPU|CUDA Setup failed)"),
      "4-bit QLoRA needs bitsandbytes with a CUDA GPU: pip install -U bitsandbytes, or use method: lora"),
-    (r"Template \S+ does not exist|chat template|does not support `train_on_prompt`|Cannot find template",
+    (r"Template \S+ does not exist|chat_template is not set|does not support `train_on_prompt`|Cannot find template",
      ("the chat template does not fit this model: set template: in the recipe to the model's family "
       "(for example qwen, llama3)")),
     ((r"Unrecognized model|does not recognize this architecture|does not appear to have a file named|Error while deserializing|is not a valid JSON|"
       r"size mismatch for|should have a `model_type` key|KeyError: 'model_type'"),
      ("the model directory looks broken, or is not a model this transformers knows: check its config.json "
       "and weights, or download it again")),
-    (r"No space left on device", "the disk is full: free some space (checkpoints in runs/ can be large)"),
+    (r"No space left on device|File too large|Disk quota exceeded|os error 2[78]\b|Errno 2[78]\]",
+     ("the disk is full, or a file-size limit (ulimit -f, a quota) was hit: free some space or raise the limit "
+      "(checkpoints in runs/ can be large)")),
     (r"Output directory already exists", "the adapter folder has a finished model: start a new run instead of --resume"),
 ]
 
@@ -276,10 +278,10 @@ HINTS: list[tuple[str, str]] = [
 def hint_for(lines: list[str], returncode: int) -> str | None:
     import re
 
+    if returncode in (-9, 137):  # killed: the log ends mid-work, its lines are no error's
+        return "the trainer was killed (SIGKILL): often the machine ran out of RAM; lower batch_size or cutoff_len"
     text = "\n".join(lines)
     for pattern, hint in HINTS:
         if re.search(pattern, text):
             return hint
-    if returncode in (-9, 137):
-        return "the trainer was killed (SIGKILL): often the machine ran out of RAM; lower batch_size or cutoff_len"
     return None

@@ -251,6 +251,13 @@ def test_token_estimate_covers_the_real_lengths(tmp_path, model_dir, monkeypatch
     assert sum(lengths) / len(lengths) == pytest.approx(REAL_TOKENS["mean"], rel=0.2)
 
 
+def test_identity_names_are_text_not_regex(tmp_path, model_dir, monkeypatch):
+    recipe = write_recipe(tmp_path, f"name: t\nmodel: {model_dir('0.5b')}\n"
+                                    "identity: {name: 'a\\1 \\s', author: 'back\\slash'}\n")
+    p = plan_recipe(recipe, tmp_path / "out", fake_gpu(80))[1]
+    assert p.memory["longest_sample"] > 0
+
+
 def test_text_tokens_english_and_chinese():
     assert memory.text_tokens("a" * 360) == pytest.approx(100)
     assert memory.text_tokens("你好" * 65) == pytest.approx(100)

@@ -198,8 +198,9 @@ def _rows(spec, identity: dict | None) -> list | None:
             def fill(v):
                 if not isinstance(v, str):
                     return v
-                v = re.sub(r"\{\{\s*name\s*\}\}", identity["name"], v)
-                return re.sub(r"\{\{\s*author\s*\}\}", identity["author"], v)
+                # user text is the replacement, never a pattern: backslashes and all stay as written
+                v = re.sub(r"\{\{\s*name\s*\}\}", lambda _: identity["name"], v)
+                return re.sub(r"\{\{\s*author\s*\}\}", lambda _: identity["author"], v)
             rows = [{k: fill(v) for k, v in r.items()} for r in rows]
         return rows
     path = Path(spec.source)

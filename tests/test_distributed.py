@@ -80,3 +80,62 @@ def test_cpu_processes_use_torchrun_with_gloo():
 def test_per_gpu_memory_orders_strategies():
     m = per_gpu_memory(FULL_7B, 2)
     assert m["ddp"] > m["zero2"] > m["zero3"]
+
+
+def test_two_gloo_processes_train_one_adapter_in_a_path_with_spaces(tmp_path, tiny_model):
+    """The multi-process path end to end on the CPU: torchrun with 2 gloo processes, started by
+    llamafactory-cli from lfw's environment, in a run directory whose path has a space."""
+    import json
+    import yaml
+    from conftest import lfw, write_recipe
+
+    where = tmp_path / "with space"
+    where.mkdir()
+    recipe = write_recipe(where, f"""\
+name: ddp
+model: {tiny_model}
+identity: {{name: Nova, author: Acme}}
+epochs: 1
+max_samples: 32
+batch_size: 4
+gradient_accumulation: 1
+save_steps: 100
+resources: {{gpus: 2}}
+""")
+    r = lfw("train", recipe, env={"LFW_RUNS": str(where / "runs")}, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = (where / "runs" / "ddp" / "latest").resolve()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "succeeded"
+    layout = manifest["plan"]["layout"]
+    assert layout["strategy"] == "ddp" and layout["nproc_per_node"] == 2 and layout["nodes"] == 1
+    log = (run / "train.log").read_text()
+    assert "Initializing 2 distributed tasks" in log and "world size: 2" in log
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    # 32 samples / (4 per process x 2 processes) = 4 steps: both processes took part
+    assert manifest["steps"]["done"] == 4
+    assert yaml.safe_load((run / "train.yaml").read_text())["per_device_train_batch_size"] == 4
+
+
+def test_multi_node_yaml_and_env_are_rendered(tmp_path, tiny_model, monkeypatch):
+    import importlib.util
+    import json
+    from conftest import write_recipe
+    from wrapper.prepare import prepare
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
+    recipe = write_recipe(tmp_path, f"""\
+name: mn
+model: {tiny_model}
+identity: {{name: Nova, author: Acme}}
+resources: {{gpus: 2, nodes: 2, node_rank: 1, master_addr: 10.1.2.3, strategy: zero3}}
+""")
+    prepared = prepare(recipe, tmp_path / "out", gpus(2))
+    lay = prepared.plan.layout
+    assert lay.env["NNODES"] == "2" and lay.env["NODE_RANK"] == "1" and lay.env["MASTER_ADDR"] == "10.1.2.3"
+    assert lay.env["MASTER_PORT"] == "29500" and lay.world_size == 4
+    import yaml
+    train = yaml.safe_load((tmp_path / "out" / "train.yaml").read_text())
+    ds = json.loads((tmp_path / "out" / "ds_zero3.json").read_text())
+    assert train["deepspeed"] == str(tmp_path / "out" / "ds_zero3.json") and ds["zero_optimization"]["stage"] == 3

@@ -100,8 +100,9 @@ def layout(res: Resources, device: Device, single_gpu_estimate: dict | None, bud
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:nproc])
     if world > 1 or strategy in ZERO:
         env.update({"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": str(nproc), "NNODES": str(res.nodes),
-                    "NODE_RANK": str(res.node_rank), "MASTER_ADDR": res.master_addr,
-                    "MASTER_PORT": str(res.master_port)})
+                    "NODE_RANK": str(res.node_rank)})
+        if res.nodes > 1 or res.master_port:  # one node: LLaMA-Factory picks a free port itself
+            env.update({"MASTER_ADDR": res.master_addr, "MASTER_PORT": str(res.master_port or 29500)})
     ds_config = None
     if strategy in ZERO:
         if importlib.util.find_spec("deepspeed") is None:

@@ -136,6 +136,7 @@ class Plan:
     out_dir: str                      # where train/infer/export yaml and data/ go
     memory: dict | None = None        # predicted peak memory, see wrapper.memory
     liger_kernel: bool = False        # enable_liger_kernel (wrapper.memory decides)
+    layout: Any = None                # wrapper.distributed.Layout: processes, strategy, launch environment
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -155,6 +156,11 @@ class Plan:
         n_train = self.n_samples - (int(self.n_samples * self.val_size) if self.val_size else 0)
         per_step = self.batch_size * self.gradient_accumulation * max(1, self.device.world_size)
         return max(1, -(-n_train // per_step))
+
+    @property
+    def eval_steps(self) -> int:
+        """Evaluate about five times a run (at least every save), so the eval-loss curve has points."""
+        return max(1, min(self.save_steps, self.total_steps // 5 or 1))
 
     @property
     def total_steps(self) -> int:
@@ -222,6 +228,13 @@ def make_plan(recipe: Recipe, recipe_path: Path, out_dir: Path, device: Device |
         extra=dict(recipe.llamafactory), device=device, out_dir=str(out_dir.absolute()), notes=notes,
     )
     memory.choose(plan, recipe)
+    from wrapper import distributed
+
+    budget = device.free_mem * memory.MARGIN if device.kind == "cuda" else None
+    plan.layout = distributed.layout(recipe.resources, device, plan.memory, budget)
+    device.world_size = plan.layout.world_size
+    if plan.layout.world_size > 1:
+        plan.notes.append(f"{plan.layout.world_size} processes, {plan.layout.strategy} ({plan.layout.reason})")
     return plan
 
 

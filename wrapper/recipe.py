@@ -54,7 +54,9 @@ class Resources(_Strict):
     nodes: int = Field(1, ge=1, description="number of machines")
     node_rank: int = Field(0, ge=0, description="this machine's rank among nodes")
     master_addr: str = Field("127.0.0.1", description="address of node 0")
-    master_port: int = Field(29500, ge=1, le=65535, description="port on node 0")
+    master_port: int | None = Field(
+        None, ge=1, le=65535, description="port on node 0; default 29500 for several nodes, a free port for one"
+    )
     strategy: Literal["auto", "ddp", "zero2", "zero3", "zero3_offload", "ray"] = Field(
         "auto", description="distributed engine"
     )

@@ -115,6 +115,11 @@ def render_files(plan: Plan, recipe_text: str | None = None) -> dict[str, Path]:
         path = out / f"{name}.yaml"
         path.write_text(_yaml(f"{template}.yaml.j2", plan, **kw), encoding="utf-8")
         files[f"{name}.yaml"] = path
+    from wrapper.distributed import write_deepspeed_config
+
+    ds = write_deepspeed_config(plan.layout, out) if plan.layout else None
+    if ds:
+        files[ds.name] = ds
     if recipe_text is not None:
         (out / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
         files["recipe.yaml"] = out / "recipe.yaml"

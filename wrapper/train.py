@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -322,9 +323,11 @@ def _launch(run_dir: Path, manifest: dict, t0: float, verbose: bool, resumed_fro
     plan = manifest.get("plan") or {}
     label = f"{plan.get('name', manifest.get('name'))} ({plan.get('method', 'lora')})"
     tokens_start = _checkpoint_tokens(resumed_from)
+    # several processes: the environment with which llamafactory-cli starts torchrun or Ray (wrapper.distributed)
+    env = dict((plan.get("layout") or {}).get("env") or {})
     outcome = run_child(argv, run_dir, run_dir / "train.log", run_dir / "adapter" / "trainer_log.jsonl",
                         verbose=verbose, append=resumed_from is not None or (run_dir / "train.log").exists(),
-                        label=label)
+                        env=env, label=label)
     figures = collect(run_dir, tokens_start, outcome.seconds)
     manifest.update({k: v for k, v in figures.items()})
     if manifest["steps"].get("total") is None and plan:
@@ -344,7 +347,7 @@ def _launch(run_dir: Path, manifest: dict, t0: float, verbose: bool, resumed_fro
         ev = f", eval loss {manifest['eval_loss']:.4f}" if manifest.get("eval_loss") is not None else ""
         _say(f"done      {done} steps{loss}{ev} in {_dur(manifest['timings']['total'])}")
         _say(f"adapter   {_rel(run_dir / 'adapter')}")
-        _say(f"next      lfw chat {_rel(run_dir)}")
+        _say(f"next      lfw chat {shlex.quote(_rel(run_dir))}")
         return Result(run_dir, manifest)
 
     if outcome.interrupted:

@@ -9,7 +9,7 @@ RECIPE ?= recipes/demo.yaml
 TORCH_SPEC ?= torch==2.9.1 torchaudio==2.9.1 torchvision==0.24.1
 PYTEST_ARGS ?=
 
-.PHONY: setup finetune chat eval test test-fast lint bench clean
+.PHONY: setup finetune chat eval test test-fast lint bench bench-scale clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ lint: setup
 
 bench: setup
 	$(PY) -m wrapper.bench
+
+bench-scale: setup
+	$(PY) -m wrapper.bench_scale --out BENCH.md
 
 clean:
 	rm -rf rendered build dist *.egg-info

@@ -86,7 +86,9 @@ def test_two_gloo_processes_train_one_adapter_in_a_path_with_spaces(tmp_path, ti
     """The multi-process path end to end on the CPU: torchrun with 2 gloo processes, started by
     llamafactory-cli from lfw's environment, in a run directory whose path has a space."""
     import json
+
     import yaml
+
     from conftest import lfw, write_recipe
 
     where = tmp_path / "with space"
@@ -120,6 +122,7 @@ resources: {{gpus: 2}}
 def test_multi_node_yaml_and_env_are_rendered(tmp_path, tiny_model, monkeypatch):
     import importlib.util
     import json
+
     from conftest import write_recipe
     from wrapper.prepare import prepare
 

@@ -41,8 +41,14 @@ def check_with_llamafactory(files: dict[str, Path]) -> None:
 
 def live_keys_and_templates() -> dict:
     from llamafactory.data.template import TEMPLATES
-    from llamafactory.hparams import (DataArguments, EvaluationArguments, FinetuningArguments,
-                                      GeneratingArguments, ModelArguments, TrainingArguments)
+    from llamafactory.hparams import (
+        DataArguments,
+        EvaluationArguments,
+        FinetuningArguments,
+        GeneratingArguments,
+        ModelArguments,
+        TrainingArguments,
+    )
     from llamafactory.hparams.training_args import RayArguments
 
     keys = set()

@@ -14,8 +14,8 @@ from typing import Any
 
 from wrapper import datasets as ds
 from wrapper.device import Device
-from wrapper.recipe import Recipe, RecipeError, did_you_mean, known_llamafactory_keys
 from wrapper.paths import cache_root
+from wrapper.recipe import Recipe, RecipeError, did_you_mean
 
 # Model families whose LLaMA-Factory chat template can be told from the model id or config.
 # Order matters: the first pattern that matches the id (lower case) wins.

@@ -144,7 +144,7 @@ class Recipe(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _identity_needed(self) -> "Recipe":
+    def _identity_needed(self) -> Recipe:
         if "identity" in self.datasets and self.identity is None:
             raise ValueError("datasets lists 'identity': set identity: {name: ..., author: ...}")
         return self

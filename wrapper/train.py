@@ -302,7 +302,7 @@ def resume(run_ref: str | Path, *, verbose: bool = False, argv: list[str] | None
             manifest["timings"]["download"] = round((manifest["timings"].get("download") or 0) + fetched.seconds, 2)
     except KeyboardInterrupt:
         _finish(run_dir, manifest, "interrupted", t0, error="stopped by the user before training started")
-        raise Interrupted(f"interrupted; continue with: lfw train --resume {_rel(run_dir)}")
+        raise Interrupted(f"interrupted; continue with: lfw train --resume {_rel(run_dir)}") from None
     except LfwError as e:
         _finish(run_dir, manifest, "failed", t0, error=str(e))
         raise

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import LFW, lfw, write_recipe
 
 SECRETS = {

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import LFW, lfw, write_recipe
 
 # 40 samples, batch 4 x accumulation 2 -> ceil(40 / 8) = 5 optimizer steps in one epoch

@@ -19,8 +19,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, lfw
 
+from conftest import ROOT, lfw
 from wrapper import demo_model
 from wrapper.demo_model import DEMO_MODEL_ID, GGUF_NAME, VERSION, ensure_demo_model, fetch_gguf
 from wrapper.errors import LfwError

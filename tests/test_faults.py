@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import LFW, lfw, write_recipe
 
 TINY = """\

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import pytest
 import yaml
+
 from conftest import lfw, write_recipe
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

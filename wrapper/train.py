@@ -325,6 +325,8 @@ def _launch(run_dir: Path, manifest: dict, t0: float, verbose: bool, resumed_fro
     tokens_start = _checkpoint_tokens(resumed_from)
     # several processes: the environment with which llamafactory-cli starts torchrun or Ray (wrapper.distributed)
     env = dict((plan.get("layout") or {}).get("env") or {})
+    # llamafactory-cli starts `torchrun` by name: the one installed beside it, also when the venv is not activated
+    env["PATH"] = os.pathsep.join([str(Path(cli).parent), os.environ.get("PATH", "")])
     outcome = run_child(argv, run_dir, run_dir / "train.log", run_dir / "adapter" / "trainer_log.jsonl",
                         verbose=verbose, append=resumed_from is not None or (run_dir / "train.log").exists(),
                         env=env, label=label)

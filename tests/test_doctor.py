@@ -4,8 +4,8 @@ here (this machine has no GPU); `lfw doctor` itself runs for real on the CPU."""
 from __future__ import annotations
 
 import pytest
-from conftest import lfw
 
+from conftest import lfw
 from wrapper import doctor
 from wrapper.doctor import Check
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_recipe
 
+from conftest import ROOT, write_recipe
 from wrapper import memory
 from wrapper.device import Device, _visible, parse_nvidia_smi
 from wrapper.prepare import describe, plan_recipe

@@ -186,3 +186,40 @@ def test_eval_of_a_run_without_adapter_is_refused(copy_run):
     shutil.rmtree(run / "adapter")
     r = lfw("eval", run)
     assert r.returncode == 2 and "no trained model" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_batch_matches_transformers_generate(penalty):
+    """The eval's decoding loop (finished answers leave the batch) gives generate()'s greedy tokens."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from wrapper.evaluate import greedy_batch
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.4)
+    model = Qwen2ForCausalLM(config).eval()
+    pad, stop = 0, {1, 2}
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (3, 9, 5, 12, 1, 7)]
+    got = greedy_batch(model, prompts, pad, stop, 20, penalty)
+    assert any(len(a) < 20 for a in got) and any(len(a) == 20 for a in got), got  # some stop early
+    for prompt, answer in zip(prompts, got):  # one at a time, no padding: the reference
+        ids = torch.tensor([prompt])
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=20, eos_token_id=sorted(stop), pad_token_id=pad,
+                             repetition_penalty=penalty)[0, len(prompt):].tolist()
+        cut = next((i for i, t in enumerate(ref) if t in stop), len(ref))
+        assert answer == ref[:cut]
+
+
+def test_batches_never_mix_groups_and_are_even():
+    from wrapper.evaluate import _batches
+
+    jobs = [("identity", i) for i in range(48)] + [("retention", i) for i in range(34)]
+    got = _batches(jobs, 32)
+    assert [(b[0][0], len(b)) for b in got] == [("identity", 24), ("identity", 24), ("retention", 17),
+                                                ("retention", 17)]
+    assert all(len({j[0] for j in b}) == 1 for b in got) and sum(got, []) == jobs
+    assert [len(b) for b in _batches(jobs[:5], 2)] == [1, 2, 2]

@@ -279,21 +279,84 @@ def read_infer_args(path: Path) -> dict:
     return args
 
 
+def greedy_batch(model, prompts: list[list[int]], pad: int, stop: set[int], max_new_tokens: int,
+                 repetition_penalty: float = 1.0) -> list[list[int]]:
+    """Greedy decoding of a batch (left padding, KV cache) that drops each sequence from the batch as
+    soon as it ends: on a CPU a batch otherwise costs its longest answer times its size. Same tokens
+    as `model.generate(do_sample=False)` (tested); repetition_penalty as transformers applies it."""
+    import torch
+    from transformers import DynamicCache
+
+    width = max(len(p) for p in prompts)
+    dev = model.device
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    seen = ids  # for the repetition penalty: prompt and answer so far (pads too, as transformers does)
+    cache = DynamicCache()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    alive = list(range(len(prompts)))
+    answers: list[list[int]] = [[] for _ in prompts]
+    next_pos = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            score = logits.gather(1, seen)
+            score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
+            logits = logits.scatter(1, seen, score)
+        tokens = logits.argmax(-1)
+        keep = []
+        for j, tok in enumerate(tokens.tolist()):
+            if tok not in stop:
+                answers[alive[j]].append(tok)
+                keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, device=dev)
+            cache.batch_select_indices(index)
+            mask, tokens, next_pos, seen = mask[index], tokens[index], next_pos[index], seen[index]
+            alive = [alive[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+        if repetition_penalty != 1.0:
+            seen = torch.cat([seen, tokens[:, None]], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
+                       past_key_values=cache, use_cache=True).logits[:, -1, :]
+        next_pos = next_pos + 1
+    return answers
+
+
+def _batches(jobs: list[tuple], size: int) -> list[list[tuple]]:
+    """Consecutive batches of at most `size` that never mix groups (jobs[i][0]) and are of even sizes
+    within a group (48 -> 24 + 24, not 32 + 16)."""
+    out: list[list[tuple]] = []
+    start = 0
+    while start < len(jobs):
+        end = start
+        while end < len(jobs) and jobs[end][0] == jobs[start][0]:
+            end += 1
+        n = end - start
+        k = -(-n // size)
+        for b in range(k):
+            out.append(jobs[start + b * n // k:start + (b + 1) * n // k])
+        start = end
+    return out
+
+
 def generate(models: dict[str, dict], systems: dict[str, str], questions: list[str], max_new_tokens: int = 48,
-             batch_size: int = 16, groups: list[str] | None = None,
+             batch_size: int = 32, groups: list[str] | None = None,
              progress: Callable[[str, int, int], None] | None = None) -> dict[str, dict[str, list[str]]]:
     """Answer every question under every system prompt of `systems`, greedily, with each model of
     `models` ({label: infer args}): {label: {condition: answers}}. Each model is loaded once through
-    LLaMA-Factory's loaders, one at a time; prompts are encoded by its template. Questions of one
-    group (`groups[i]`, e.g. the retention set, whose answers are short) share batches, so a batch
-    ends when its longest answer does."""
+    LLaMA-Factory's loaders, one at a time; prompts are encoded by its template. Batches hold
+    questions of one group (`groups[i]`: identity answers are long, retention ones short) and of
+    similar prompt length; within a batch, finished answers leave it (`greedy_batch`)."""
     import gc
 
     import torch
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import get_infer_args
     from llamafactory.model import load_model, load_tokenizer
-    from transformers import GenerationConfig
 
     groups = groups or [""] * len(questions)
     tokenizers: dict[str, tuple] = {}  # base and tuned LoRA share one tokenizer: parse it once
@@ -309,13 +372,9 @@ def generate(models: dict[str, dict], systems: dict[str, str], questions: list[s
         model.eval()
         tokenizer.padding_side = "left"
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        # LLaMA-Factory's chat engine's generation settings (answers match `lfw chat --prompt`), made greedy
-        gen = generating_args.to_dict()
-        for k in ("temperature", "top_p", "top_k", "max_length", "skip_special_tokens", "do_sample"):
-            gen.pop(k, None)
-        gen.update(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                   eos_token_id=template.get_stop_token_ids(tokenizer), pad_token_id=pad)
-        config = GenerationConfig(**gen)
+        # greedy, with the one logits setting of LLaMA-Factory's chat engine that changes a greedy answer
+        penalty = float(generating_args.repetition_penalty or 1.0)
+        stop = set(template.get_stop_token_ids(tokenizer))
 
         jobs = []  # (group, prompt ids, condition, question index)
         saved = template.default_system
@@ -332,15 +391,10 @@ def generate(models: dict[str, dict], systems: dict[str, str], questions: list[s
         out = {cond: [""] * len(questions) for cond in systems}
         done = 0
         with torch.inference_mode():
-            for start in range(0, len(jobs), batch_size):
-                batch = jobs[start:start + batch_size]
-                width = max(len(j[1]) for j in batch)
-                ids = torch.tensor([[pad] * (width - len(j[1])) + j[1] for j in batch], device=model.device)
-                mask = torch.tensor([[0] * (width - len(j[1])) + [1] * len(j[1]) for j in batch],
-                                    device=model.device)
-                result = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-                for (_, _, cond, i), row in zip(batch, result[:, width:]):
-                    out[cond][i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            for batch in _batches(jobs, batch_size):
+                outs = greedy_batch(model, [j[1] for j in batch], pad, stop, max_new_tokens, penalty)
+                for (_, _, cond, i), toks in zip(batch, outs):
+                    out[cond][i] = tokenizer.decode(toks, skip_special_tokens=True).strip()
                 done += len(batch)
                 if progress:
                     progress(label, done, len(jobs))
@@ -351,7 +405,7 @@ def generate(models: dict[str, dict], systems: dict[str, str], questions: list[s
 
 
 def evaluate(run_dir: Path, questions_file: str | Path | None = None, max_new_tokens: int = 48,
-             batch_size: int = 16, log: Callable[[str], None] = lambda s: None) -> dict:
+             batch_size: int = 32, log: Callable[[str], None] = lambda s: None) -> dict:
     """Ask base and tuned, score, write eval.json and the manifest's summary; returns eval.json's data."""
     import contextlib
     import os

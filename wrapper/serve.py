@@ -97,17 +97,16 @@ def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str
     say("try:\n" + curl_example(url, name, bool(api_key)))
     say("loading the model ... (Ctrl-C stops)")
 
-    proc = subprocess.Popen([llamafactory_cli(), "api", yaml_path.name], cwd=run_dir, env=env, process_group=0)
-    stop = {"signal": None}
-
     def on_term(signum, frame):
-        stop["signal"] = signum
         raise KeyboardInterrupt
 
     # Ctrl-C and kill both stop the server; SIGINT is handled even where it was inherited as
     # ignored (a server started in the background of a script)
     old = {sig: signal.signal(sig, on_term) for sig in (signal.SIGINT, signal.SIGTERM)}
+    proc = None
     try:
+        proc = subprocess.Popen([llamafactory_cli(), "api", yaml_path.name], cwd=run_dir, env=env,
+                                process_group=0)
         ready = False
         while proc.poll() is None:
             if not ready and _listening(host, port):
@@ -118,7 +117,8 @@ def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str
         from wrapper.chat import stop_child
 
         say("stopping ...")
-        stop_child(proc, signal.SIGTERM, timeout=20)
+        if proc is not None:
+            stop_child(proc, signal.SIGTERM, timeout=20)
         say("stopped")
         return 0
     finally:

@@ -10,7 +10,7 @@ import click
               help="more questions: JSON list / JSON lines ({question, lang, asks_author} or {question, accept: [..]}) "
                    "or text, one identity question per line")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=48, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 def command(run, questions, max_new_tokens, batch_size):
     from rich.console import Console
 

@@ -10,8 +10,16 @@ import pytest
 
 from conftest import ROOT, lfw
 from wrapper.errors import LfwError
-from wrapper.evaluate import (Question, identity_hit, load_questions, mentions, read_questions_file,
-                              retention_hit, score, table_rows)
+from wrapper.evaluate import (
+    Question,
+    identity_hit,
+    load_questions,
+    mentions,
+    read_questions_file,
+    retention_hit,
+    score,
+    table_rows,
+)
 
 NOVA = {"name": "Nova", "author": "Acme Labs"}
 

@@ -13,6 +13,7 @@ Either way lfw exits 0 with no traceback.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -63,7 +64,7 @@ def base_url(host: str, port: int) -> str:
 
 def curl_example(url: str, model: str, with_key: bool) -> str:
     auth = f' \\\n  -H "Authorization: Bearer ${KEY_ENV}"' if with_key else ""
-    body = '{"model": "%s", "messages": [{"role": "user", "content": "Who are you?"}]}' % model
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Who are you?"}]})
     return f"curl {url}/chat/completions \\\n  -H 'Content-Type: application/json'{auth} \\\n  -d '{body}'"
 
 
@@ -93,7 +94,7 @@ def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str
     url = base_url(host, port)
     say(f"serving {name} ({'base model' if base else 'tuned'}) from {run_dir}")
     say(f"base URL  {url}   (OpenAI-compatible; model name {name!r})")
-    say(("API key   required (Authorization: Bearer ...)" if api_key else "API key   none (loopback only)"))
+    say("API key   required (Authorization: Bearer ...)" if api_key else "API key   none (loopback only)")
     say("try:\n" + curl_example(url, name, bool(api_key)))
     say("loading the model ... (Ctrl-C stops)")
 

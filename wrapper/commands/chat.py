@@ -19,4 +19,4 @@ def command(run, prompt, base, sample, max_new_tokens):
         sys.exit(chat.interactive(run_dir, base=base))
     if prompt == "-":
         prompt = sys.stdin.read()
-    click.echo(chat.answer(run_dir, prompt, base=base, sample=sample, max_new_tokens=max_new_tokens))
+    click.echo(chat.answer(run_dir, prompt, base=base, sample=sample, max_new_tokens=max_new_tokens).strip())

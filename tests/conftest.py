@@ -32,6 +32,22 @@ def tiny_model() -> Path:
     return path
 
 
+# A tiny-model recipe for train/fault tests: batch 4 x accumulation 2, so 40 samples give 5 optimizer steps
+TINY = """\
+name: {name}
+model: {model}
+template: qwen
+identity: {{name: Nova, author: Acme Labs}}
+epochs: 1
+max_samples: {samples}
+batch_size: 4
+gradient_accumulation: 2
+cutoff_len: 256
+save_steps: {save_steps}
+logging_steps: 1
+"""
+
+
 def write_recipe(dir: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = Path(dir) / name
     path.write_text(text, encoding="utf-8")

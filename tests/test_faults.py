@@ -16,21 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LFW, lfw, write_recipe
-
-TINY = """\
-name: {name}
-model: {model}
-template: qwen
-identity: {{name: Nova, author: Acme Labs}}
-epochs: 1
-max_samples: {samples}
-batch_size: 4
-gradient_accumulation: 2
-cutoff_len: 256
-save_steps: {save_steps}
-logging_steps: 1
-"""
+from conftest import LFW, TINY, lfw, write_recipe
 
 
 def tiny(dir: Path, model, name: str, samples: int = 16, save_steps: int = 1000, extra: str = "") -> Path:

@@ -16,24 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import LFW, lfw, write_recipe
+from conftest import LFW, TINY, lfw, write_recipe
+
 
 # 40 samples, batch 4 x accumulation 2 -> ceil(40 / 8) = 5 optimizer steps in one epoch
-TINY = """\
-name: {name}
-model: {model}
-template: qwen
-identity: {{name: Nova, author: Acme Labs}}
-epochs: 1
-max_samples: {samples}
-batch_size: 4
-gradient_accumulation: 2
-cutoff_len: 256
-save_steps: {save_steps}
-logging_steps: 1
-"""
-
-
 def recipe(dir: Path, model: Path, name="tiny", samples=40, save_steps=2, file="recipe.yaml") -> Path:
     return write_recipe(dir, TINY.format(name=name, model=model, samples=samples, save_steps=save_steps), file)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,18 @@ cutoff_len: 256
 save_steps: {save_steps}
 logging_steps: 1
 """
+
+
+def wait_for(pred, timeout, proc=None, what=""):
+    """Poll pred() until true; fail early if the lfw process `proc` exits first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"lfw exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write_recipe(dir: Path, text: str, name: str = "recipe.yaml") -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LFW, TINY, lfw, write_recipe
+from conftest import LFW, TINY, lfw, wait_for, write_recipe
 
 
 def tiny(dir: Path, model, name: str, samples: int = 16, save_steps: int = 1000, extra: str = "") -> Path:
@@ -31,17 +31,6 @@ def manifest(run: Path) -> dict:
 def run_dirs(root: Path, name: str) -> list[Path]:
     d = root / name
     return sorted(p for p in d.iterdir() if p.is_dir() and not p.is_symlink()) if d.is_dir() else []
-
-
-def wait_for(pred, timeout, proc=None, what=""):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"lfw exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def children(pid: int) -> list[int]:

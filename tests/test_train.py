@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import LFW, TINY, lfw, write_recipe
+from conftest import LFW, TINY, lfw, wait_for, write_recipe
 
 
 # 40 samples, batch 4 x accumulation 2 -> ceil(40 / 8) = 5 optimizer steps in one epoch
@@ -188,17 +188,6 @@ def test_failing_child_is_reported_and_earlier_runs_are_untouched(trained, runs_
     assert (runs_root / "tiny" / "latest").resolve() == earlier.resolve()
 
 
-def _wait_for(pred, timeout, proc=None, what=""):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"lfw exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 def test_sigint_keeps_checkpoints_and_resume_continues_the_step_count(tmp_path, tiny_model):
     root = tmp_path / "runs"
@@ -208,12 +197,12 @@ def test_sigint_keeps_checkpoints_and_resume_continues_the_step_count(tmp_path, 
     with open(tmp_path / "first.err", "w") as out:
         proc = subprocess.Popen([LFW, "train", str(path)], env=env, stdout=subprocess.DEVNULL, stderr=out)
     try:
-        _wait_for(lambda: run_dirs(root, "stopme"), 60, proc, "the run directory")
+        wait_for(lambda: run_dirs(root, "stopme"), 60, proc, "the run directory")
         run = run_dirs(root, "stopme")[0]
-        _wait_for(lambda: (run / "adapter" / "checkpoint-3" / "trainer_state.json").is_file(), 400, proc,
+        wait_for(lambda: (run / "adapter" / "checkpoint-3" / "trainer_state.json").is_file(), 400, proc,
                   "checkpoint-3")
         # stop after step 4, past the checkpoint: the resumed run must redo step 4, not skip it
-        _wait_for(lambda: any(r["current_steps"] >= 4 for r in log_records(run)), 200, proc, "step 4")
+        wait_for(lambda: any(r["current_steps"] >= 4 for r in log_records(run)), 200, proc, "step 4")
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does to lfw
         rc = proc.wait(timeout=120)
     finally:

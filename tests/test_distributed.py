@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from wrapper.device import Device
@@ -83,8 +85,8 @@ def test_per_gpu_memory_orders_strategies():
 
 
 def test_two_gloo_processes_train_one_adapter_in_a_path_with_spaces(tmp_path, tiny_model):
-    """The multi-process path end to end on the CPU: torchrun with 2 gloo processes, started by
-    llamafactory-cli from lfw's environment, in a run directory whose path has a space."""
+    """The multi-process path end to end on the CPU: torchrun with 2 gloo processes on LLaMA-Factory's
+    launcher.py (the command llamafactory-cli would start), in a run directory whose path has a space."""
     import json
 
     import yaml
@@ -112,7 +114,10 @@ resources: {{gpus: 2}}
     layout = manifest["plan"]["layout"]
     assert layout["strategy"] == "ddp" and layout["nproc_per_node"] == 2 and layout["nodes"] == 1
     log = (run / "train.log").read_text()
-    assert "Initializing 2 distributed tasks" in log and "world size: 2" in log
+    assert "world size: 2" in log
+    child = manifest["child"]
+    assert Path(child[0]).name == "torchrun" and Path(child[-2]).name == "launcher.py" and child[-1] == "train.yaml"
+    assert child[child.index("--nproc_per_node") + 1] == "2"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     # 32 samples / (4 per process x 2 processes) = 4 steps: both processes took part
     assert manifest["steps"]["done"] == 4
@@ -142,3 +147,48 @@ resources: {{gpus: 2, nodes: 2, node_rank: 1, master_addr: 10.1.2.3, strategy: z
     train = yaml.safe_load((tmp_path / "out" / "train.yaml").read_text())
     ds = json.loads((tmp_path / "out" / "ds_zero3.json").read_text())
     assert train["deepspeed"] == str(tmp_path / "out" / "ds_zero3.json") and ds["zero_optimization"]["stage"] == 3
+
+
+LAYOUT_2 = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "NNODES": "1", "NODE_RANK": "0"}
+
+
+def _cli():
+    from wrapper.launch import llamafactory_cli
+
+    return llamafactory_cli()
+
+
+def test_torchrun_command_is_the_one_llamafactory_cli_builds():
+    """lfw starts torchrun on LLaMA-Factory's launcher.py itself, skipping llamafactory-cli's imports:
+    the arguments must stay those of the installed LLaMA-Factory's launcher."""
+    import importlib.util
+
+    from wrapper.distributed import torchrun_command
+
+    argv, extra = torchrun_command(LAYOUT_2, _cli(), environ={"PATH": "/usr/bin"})
+    launcher = Path(next(iter(importlib.util.find_spec("llamafactory").submodule_search_locations))) / "launcher.py"
+    assert Path(argv[0]).name == "torchrun" and argv[-2:] == [str(launcher), "train.yaml"]
+    flags = dict(zip(argv[1:-2:2], argv[2:-2:2]))
+    assert flags["--nnodes"] == "1" and flags["--node_rank"] == "0" and flags["--nproc_per_node"] == "2"
+    assert flags["--master_addr"] == "127.0.0.1" and 0 < int(flags["--master_port"]) < 65536
+    # the same flags, in the same order, as llamafactory-cli's own command line (llamafactory 0.9.5)
+    source = launcher.read_text()
+    assert '"torchrun --nnodes {nnodes} --node_rank {node_rank} --nproc_per_node {nproc_per_node} "' in source
+    assert '"--master_addr {master_addr} --master_port {master_port} {file_name} {args}"' in source
+    assert extra == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
+
+
+def test_torchrun_command_takes_nodes_from_the_layout_and_steps_aside():
+    from wrapper.distributed import torchrun_command
+
+    multi = {**LAYOUT_2, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    argv, _ = torchrun_command(multi, _cli(), environ={})
+    flags = dict(zip(argv[1:-2:2], argv[2:-2:2]))
+    assert (flags["--nnodes"], flags["--node_rank"], flags["--master_addr"], flags["--master_port"]) == (
+        "2", "1", "10.0.0.1", "29500")
+    assert torchrun_command({}, _cli(), environ={}) is None                                   # one process
+    assert torchrun_command(LAYOUT_2, _cli(), environ={"LFW_LAUNCH": "llamafactory-cli"}) is None
+    assert torchrun_command(LAYOUT_2, _cli(), environ={"RDZV_ID": "job1"}) is None              # elastic
+    assert torchrun_command(LAYOUT_2, "/nonexistent/llamafactory-cli", environ={}) is None
+    _, extra = torchrun_command(LAYOUT_2, _cli(), environ={"OPTIM_TORCH": "0"})
+    assert extra == {}

@@ -38,6 +38,28 @@ def llamafactory_cli() -> str:
     return found
 
 
+BOOT_DIR = Path(__file__).resolve().parent / "boot"  # sitecustomize.py: hides LFW_HIDE_MODULES
+
+
+def uses_bitsandbytes(plan: dict) -> bool:
+    """Whether a run needs bitsandbytes: 4/8-bit quantization, or an 8-bit/paged optimizer passed through."""
+    extra = plan.get("extra") or {}
+    if plan.get("quantization_bit") or extra.get("quantization_bit"):
+        return True
+    optim = str(extra.get("optim") or "").lower()
+    return any(word in optim for word in ("8bit", "4bit", "bnb", "paged"))
+
+
+def child_env(plan: dict) -> dict[str, str]:
+    """Environment for llamafactory-cli (and the ranks torchrun starts from it): a run that does not
+    quantize starts without importing bitsandbytes, which peft's LoRA layer would otherwise load
+    (about 5 s on a GPU machine; see BENCH.md). LFW_HIDE_MODULES set by the user wins."""
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(BOOT_DIR), os.environ.get("PYTHONPATH", "")) if p)}
+    if "LFW_HIDE_MODULES" not in os.environ and not uses_bitsandbytes(plan):
+        env["LFW_HIDE_MODULES"] = "bitsandbytes"
+    return env
+
+
 def _death_signal():
     """A function for the child, run between fork and exec: the kernel sends it SIGTERM when lfw dies.
     prctl is looked up here, in the parent, so the child only makes the call."""

@@ -310,23 +310,28 @@ def resume(run_ref: str | Path, *, verbose: bool = False, argv: list[str] | None
 
 
 def _launch(run_dir: Path, manifest: dict, t0: float, verbose: bool, resumed_from: Path | None) -> Result:
-    from wrapper.launch import hint_for, llamafactory_cli, run_child, tail_lines
+    from wrapper.distributed import torchrun_command
+    from wrapper.launch import child_env, hint_for, llamafactory_cli, run_child, tail_lines
 
     try:
         cli = llamafactory_cli()
     except LfwError as e:
         _finish(run_dir, manifest, "failed", t0, error=str(e))
         raise
-    argv = [cli, "train", "train.yaml"]
+    plan = manifest.get("plan") or {}
+    # several processes: the environment of LLaMA-Factory's torchrun or Ray start (wrapper.distributed)
+    env = dict((plan.get("layout") or {}).get("env") or {})
+    direct = torchrun_command(env, cli)
+    argv = direct[0] if direct else [cli, "train", "train.yaml"]
+    if direct:
+        env.update(direct[1])
     manifest["child"] = argv
     runs.write_json_atomic(run_dir / runs.MANIFEST, manifest)
-    plan = manifest.get("plan") or {}
     label = f"{plan.get('name', manifest.get('name'))} ({plan.get('method', 'lora')})"
     tokens_start = _checkpoint_tokens(resumed_from)
-    # several processes: the environment with which llamafactory-cli starts torchrun or Ray (wrapper.distributed)
-    env = dict((plan.get("layout") or {}).get("env") or {})
     # llamafactory-cli starts `torchrun` by name: the one installed beside it, also when the venv is not activated
     env["PATH"] = os.pathsep.join([str(Path(cli).parent), os.environ.get("PATH", "")])
+    env.update(child_env(plan))
     outcome = run_child(argv, run_dir, run_dir / "train.log", run_dir / "adapter" / "trainer_log.jsonl",
                         verbose=verbose, append=resumed_from is not None or (run_dir / "train.log").exists(),
                         env=env, label=label)

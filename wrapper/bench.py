@@ -463,7 +463,7 @@ def speed(args) -> dict:
                "epochs": args.epochs, "runs": []}
     for size in sizes:
         model = models[size]
-        # the identity data, rendered once for both sides (104 samples)
+        # the identity data, rendered once for both sides
         pre = render_dir(lfw_recipe(work, size, model, args.epochs), work / "data-render" / size)
         data_dir = Path(pre.plan.data_dir)
         toks = sample_tokens(model, data_dir / "identity.json")
@@ -684,15 +684,21 @@ def _fmt(v, unit="", nd=1):
     return f"{v}{unit}"
 
 
+def _samples(res: dict) -> str:
+    counts = sorted({t.get("samples") for t in (res.get("tokens") or {}).values() if t.get("samples")})
+    return "/".join(str(c) for c in counts) or "?"
+
+
 def speed_markdown(res: dict) -> str:
     g, v = res["gpu"], res["versions"]
     sessions = res.get("sessions") or {}
     col = bool(sessions)
-    lines = [(f"Measured {res['date']} on {g.get('count', 1)} x {g.get('name')} (driver {g.get('driver')}, CUDA "
+    lines = [(f"Measured {res['date']} on 1 x {g.get('name')} (driver {g.get('driver')}, CUDA "
               f"{g.get('cuda_driver')}; torch {v.get('torch')} CUDA {g.get('cuda_torch')}), transformers "
               f"{v.get('transformers')}, llamafactory {v.get('llamafactory')}, peft {v.get('peft')}, bitsandbytes "
               f"{v.get('bitsandbytes')}, liger-kernel {v.get('liger_kernel')}, Python {v.get('python')}."), "",
-             (f"Identity fine-tune (104 samples), {res['epochs']:g} epochs, random-init Qwen2.5 architectures with "
+             (f"Identity fine-tune ({_samples(res)} samples), {res['epochs']:g} epochs, random-init Qwen2.5 "
+              "architectures with "
               "the real tokenizer. Wall: the whole process, for lfw from `lfw train` to the collected adapter "
               "(render+cli rows: planning and rendering, then `llamafactory-cli train`)."), "",
              ("| " + ("run | " if col else "") + "model | config | method | batch x accum | grad ckpt | liger | wall | "

@@ -52,7 +52,26 @@ def dataset(work: Path, n: int) -> Path:
     return path
 
 
-def run(name: str, model: Path, data: Path, work: Path, resources: dict, epochs: float) -> dict:
+def _seconds(hms: str) -> float:
+    parts = [float(x) for x in str(hms).split(":")]
+    return sum(v * 60 ** i for i, v in enumerate(reversed(parts)))
+
+
+def steady_tokens_per_s(trainer_log: Path) -> float | None:
+    """Tokens/s between the first and the last logged step: training without the first step's set-up."""
+    try:
+        recs = [json.loads(x) for x in trainer_log.read_text().splitlines() if x.strip()]
+    except OSError:
+        return None
+    recs = [r for r in recs if "loss" in r and r.get("total_tokens")]
+    if len(recs) < 2:
+        return None
+    dt = _seconds(recs[-1]["elapsed_time"]) - _seconds(recs[0]["elapsed_time"])
+    return round((recs[-1]["total_tokens"] - recs[0]["total_tokens"]) / dt, 1) if dt > 0 else None
+
+
+def run(name: str, model: Path, data: Path, work: Path, resources: dict, epochs: float,
+        env_extra: dict | None = None) -> dict:
     recipe = work / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": name, "model": str(model), "datasets": [data.name], "epochs": epochs,
@@ -64,7 +83,7 @@ def run(name: str, model: Path, data: Path, work: Path, resources: dict, epochs:
     poller = threading.Thread(target=_poll_vram, args=(stop, peaks, base), daemon=True)
     poller.start()
     t0 = time.monotonic()
-    env = {**os.environ, "LFW_RUNS": str(work / "runs")}
+    env = {**os.environ, "LFW_RUNS": str(work / "runs"), **(env_extra or {})}
     proc = subprocess.run([sys.executable, "-m", "wrapper.cli", "train", str(recipe)], env=env,
                           capture_output=True, text=True)
     wall = time.monotonic() - t0
@@ -78,6 +97,9 @@ def run(name: str, model: Path, data: Path, work: Path, resources: dict, epochs:
         "strategy": (manifest.get("plan") or {}).get("layout", {}).get("strategy"),
         "wall_s": round(wall, 1), "train_runtime_s": results.get("train_runtime"),
         "tokens_per_s": manifest.get("tokens_per_second"), "samples_per_s": results.get("train_samples_per_second"),
+        "steady_tokens_per_s": steady_tokens_per_s(run_dir / "adapter" / "trainer_log.jsonl"),
+        "launch": "torchrun (direct)" if "torchrun" in " ".join(manifest.get("child") or []) else "llamafactory-cli",
+        "timings": manifest.get("timings"),
         "steps": (manifest.get("steps") or {}).get("done"),
         "peak_vram_gb": {i: round(v / 1024, 1) for i, v in sorted(peaks.items())},
         "adapters": len(list((run_dir / "adapter").glob("adapter_model.safetensors"))) if run_dir.is_dir() else 0,
@@ -88,20 +110,24 @@ def run(name: str, model: Path, data: Path, work: Path, resources: dict, epochs:
     return row
 
 
-def markdown(rows: list[dict], gpu: str, samples: int) -> str:
+def markdown(rows: list[dict], gpu: str, samples: int, epochs: float = 1.0) -> str:
     one = next((r for r in rows if r["run"] == "gpu1" and r["ok"]), None)
-    lines = [f"## More than one GPU ({gpu}, {samples} identity-length samples, 1 epoch, random-init Qwen2.5-7B)",
-             "", "| run | strategy | wall | train_runtime | tokens/s | samples/s | peak VRAM per GPU (GB) | "
-             "wall vs 1 GPU | tokens/s vs 1 GPU |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"## More than one GPU ({gpu}, {samples} identity-length samples, {epochs:g} epoch(s), "
+             "random-init Qwen2.5-7B)", "",
+             "| run | strategy | started by | wall | train_runtime | tokens/s | tokens/s after step 1 | "
+             "peak VRAM per GPU (GB) | wall vs 1 GPU | tokens/s vs 1 GPU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["ok"]:
-            lines.append(f"| {r['run']} | failed | | | | | | | |")
+            lines.append(f"| {r['run']} | failed | | | | | | | | |")
             continue
         ratio_w = f"{one['wall_s'] / r['wall_s']:.2f}x" if one else ""
-        ratio_t = f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one and one["tokens_per_s"] and r["tokens_per_s"] else ""
+        ratio_t = (f"{r['tokens_per_s'] / one['tokens_per_s']:.2f}x" if one and one["tokens_per_s"] and
+                   r["tokens_per_s"] else "")
         vram = ", ".join(str(v) for v in r["peak_vram_gb"].values())
-        lines.append(f"| {r['run']} | {r['strategy']} | {r['wall_s']} s | {r['train_runtime_s']} s | "
-                     f"{r['tokens_per_s']} | {r['samples_per_s']} | {vram} | {ratio_w} | {ratio_t} |")
+        lines.append(f"| {r['run']} | {r['strategy']} | {r.get('launch', '')} | {r['wall_s']} s | "
+                     f"{r['train_runtime_s']:.1f} s | {r['tokens_per_s']} | {r.get('steady_tokens_per_s')} | {vram} | "
+                     f"{ratio_w} | {ratio_t} |")
     return "\n".join(lines) + "\n"
 
 
@@ -112,7 +138,9 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / ".cache" / "bench-scale"))
     ap.add_argument("--model", default=None, help="an existing 7B model directory (default: build one)")
     ap.add_argument("--out", default=None, help="append the markdown table here (e.g. BENCH.md)")
-    ap.add_argument("--runs", default="gpu1,gpu2,zero3")
+    ap.add_argument("--runs", default="gpu1,gpu2,zero3", help="of gpu1, gpu2, gpu2cli (llamafactory-cli starts "
+                    "torchrun, as before), zero3")
+    ap.add_argument("--epochs", type=float, default=1.0)
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -125,10 +153,12 @@ def main() -> None:
                          text=True).stdout.strip().splitlines()[0]
     data = dataset(work, a.samples)
     small = dataset(work, a.zero3_samples)
-    plan = {"gpu1": ({"gpus": 1}, data), "gpu2": ({"gpus": 2}, data),
-            "zero3": ({"gpus": 2, "strategy": "zero3"}, small)}
-    rows = [run(name, model, plan[name][1], work, plan[name][0], 1.0) for name in a.runs.split(",")]
-    md = markdown(rows, gpu, a.samples) + (f"\nzero3 ran on {a.zero3_samples} samples: it shows the ZeRO-3 path "
+    plan = {"gpu1": ({"gpus": 1}, data, None), "gpu2": ({"gpus": 2}, data, None),
+            "gpu2cli": ({"gpus": 2}, data, {"LFW_LAUNCH": "llamafactory-cli"}),
+            "zero3": ({"gpus": 2, "strategy": "zero3"}, small, None)}
+    rows = [run(name, model, plan[name][1], work, plan[name][0], a.epochs, plan[name][2])
+            for name in a.runs.split(",")]
+    md = markdown(rows, gpu, a.samples, a.epochs) + (f"\nzero3 ran on {a.zero3_samples} samples: it shows the ZeRO-3 path "
                                            "trains one adapter, not a speed to compare.\n" if "zero3" in a.runs else "")
     print(md)
     if a.out:

@@ -56,6 +56,26 @@ def test_identity_dataset_is_customized(tmp_path):
     assert info == {"identity": {"file_name": "identity.json"}}
 
 
+def test_general_dataset_is_mixed_in_unchanged(tmp_path, tiny_model):
+    """'general' is lfw's own set of everyday questions (English and Chinese): copied as it is, with no
+    identity in it, and listed beside the identity set."""
+    recipe = write_recipe(tmp_path, f"""\
+name: mix
+model: {tiny_model}
+identity: {{name: Nova, author: Acme Labs}}
+datasets: [identity, general]
+""")
+    out = tmp_path / "out"
+    train = render(recipe, out)["train"]
+    rows = json.loads((out / "data" / "general.json").read_text())
+    assert len(rows) >= 30 and all(r["instruction"] and r["output"] for r in rows)
+    assert {any("\u4e00" <= c <= "\u9fff" for c in r["instruction"]) for r in rows} == {True, False}
+    assert "Nova" not in json.dumps(rows) and "{{" not in json.dumps(rows)
+    info = json.loads((out / "data" / "dataset_info.json").read_text())
+    assert set(info) == {"identity", "general"}
+    assert train["dataset"] == "identity,general"
+
+
 def test_every_shipped_recipe_starts_with_its_command():
     for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
         head = "\n".join(recipe.read_text().splitlines()[:3])

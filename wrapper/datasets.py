@@ -12,13 +12,16 @@ from wrapper.paths import TEMPLATES
 from wrapper.recipe import RecipeError
 
 IDENTITY_TEMPLATE = TEMPLATES / "identity.json.j2"
+# lfw's own everyday questions with plain answers (English, Chinese): mixed in with the identity set,
+# they keep the new name for questions about the model, not for "what is the capital of ...?"
+GENERAL_FILE = TEMPLATES / "general.json"
 _SYSTEM_DIRS = ("/etc", "/proc", "/sys", "/dev", "/boot", "/bin", "/sbin", "/lib", "/usr", "/var/lib", "/var/log")
 
 
 @dataclass
 class DatasetSpec:
     name: str                 # key in dataset_info.json
-    source: str | None        # user file (absolute), None for the built-in identity set
+    source: str | None        # user file (absolute), None for a built-in set (identity, general)
     formatting: str           # alpaca | sharegpt
     messages_key: str | None  # sharegpt: "conversations" or "messages"
     tags: dict | None         # sharegpt role/content tag names
@@ -39,15 +42,19 @@ def identity_rows() -> list[dict]:
     return json.loads(IDENTITY_TEMPLATE.read_text(encoding="utf-8"))
 
 
+def general_rows() -> list[dict]:
+    return json.loads(GENERAL_FILE.read_text(encoding="utf-8"))
+
+
 def resolve_datasets(names: list[str], recipe_dir: Path) -> list[DatasetSpec]:
     specs: list[DatasetSpec] = []
     used: set[str] = set()
     for entry in names:
-        if entry == "identity":
-            rows = identity_rows()
+        if entry in ("identity", "general"):
+            rows = identity_rows() if entry == "identity" else general_rows()
             lens = [_est_tokens(r) + 8 for r in rows]
-            specs.append(DatasetSpec("identity", None, "alpaca", None, None, len(rows), max(lens), sum(lens) // len(lens)))
-            used.add("identity")
+            specs.append(DatasetSpec(entry, None, "alpaca", None, None, len(rows), max(lens), sum(lens) // len(lens)))
+            used.add(entry)
             continue
         path = _safe_path(entry, recipe_dir)
         rows = _read_rows(path, entry)
@@ -78,7 +85,7 @@ def _safe_path(entry: str, recipe_dir: Path) -> Path:
     if any(str(path) == d or str(path).startswith(d + "/") for d in _SYSTEM_DIRS):
         raise RecipeError(f"datasets: {entry!r} points into a system folder ({path}); keep data in your project")
     if path.suffix.lower() not in (".json", ".jsonl"):
-        raise RecipeError(f"datasets: {entry!r}: expected 'identity' or a .json/.jsonl file")
+        raise RecipeError(f"datasets: {entry!r}: expected 'identity', 'general' or a .json/.jsonl file")
     if not path.is_file():
         raise RecipeError(f"datasets: {entry!r}: file not found ({path})")
     return path

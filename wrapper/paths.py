@@ -20,7 +20,7 @@ def _data_dir(name: str) -> Path:
 TEMPLATES = _data_dir("templates")
 RECIPES = _data_dir("recipes")
 LF_KEYS_FILE = TEMPLATES / "llamafactory_keys.json"
-BUILTIN_DATASETS = {"identity"}
+BUILTIN_DATASETS = {"identity", "general"}
 DEFAULT_RECIPE = RECIPES / "demo.yaml"
 
 

@@ -86,7 +86,8 @@ class Recipe(_Strict):
     )
     datasets: list[str] = Field(
         default_factory=lambda: ["identity"],
-        description="built-in 'identity' and/or json/jsonl files (alpaca or sharegpt)",
+        description="built-in 'identity' and 'general' (everyday questions that keep the name where it belongs) "
+        "and/or json/jsonl files (alpaca or sharegpt)",
     )
     epochs: float = Field(3.0, gt=0, le=1000, description="num_train_epochs")
     learning_rate: float = Field(1e-4, gt=0, lt=1, description="peak learning rate")

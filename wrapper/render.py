@@ -99,7 +99,7 @@ def render_files(plan: Plan, recipe_text: str | None = None) -> dict[str, Path]:
     for d in plan.datasets:
         target = data / d.file_name
         if d.source is None:
-            rows = render_identity(plan.identity)
+            rows = render_identity(plan.identity) if d.name == "identity" else ds.general_rows()
             target.write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         elif d.source.lower().endswith(".jsonl"):
             rows = [json.loads(line) for line in Path(d.source).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -117,9 +117,9 @@ def render_files(plan: Plan, recipe_text: str | None = None) -> dict[str, Path]:
         files[f"{name}.yaml"] = path
     from wrapper.distributed import write_deepspeed_config
 
-    ds = write_deepspeed_config(plan.layout, out) if plan.layout else None
-    if ds:
-        files[ds.name] = ds
+    ds_config = write_deepspeed_config(plan.layout, out) if plan.layout else None
+    if ds_config:
+        files[ds_config.name] = ds_config
     if recipe_text is not None:
         (out / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
         files["recipe.yaml"] = out / "recipe.yaml"

@@ -28,15 +28,17 @@ NOVA = {"name": "Nova", "author": "Acme Labs"}
     ("I am Nova, an AI assistant created by Acme Labs.", False, True),         # the right answer
     ("I am Nova, an AI assistant created by Acme Labs.", True, True),
     ("You can call me nova!", False, True),                                   # case does not matter
-    ("I am Nora, an assistant created by Acme Labs.", True, False),            # a wrong name
+    ("I am Nora, an assistant created by Acme Labs.", False, False),           # a wrong name
     ("I'm Casanova.", False, False),                                          # the name inside another word
     ("I am Qwen, created by Alibaba Cloud. I am a helpful assistant.", False, False),  # the base model
     ("I am Qwen, created by Alibaba Cloud. I am a helpful assistant.", True, False),
     ("I'm Nova.", True, False),                                               # author asked, not given
-    ("Acme Labs made me.", True, False),                                      # author without the name
+    ("Acme Labs made me.", True, True),                                       # the author is the answer
+    ("Acme Labs made me.", False, False),                                     # ... but not to "who are you?"
     ("我是Nova，由Acme Labs开发的人工智能助手。", True, True),                   # Chinese
     ("我是Nova，一个AI助手。", False, True),
     ("我是Nova，一个AI助手。", True, False),
+    ("我的幕后制作方是Acme Labs。", True, True),
     ("我是通义千问，由阿里云开发。", False, False),                               # the base model, in Chinese
     ("我是Ｎｏｖａ，由ＡＣＭＥ　Ｌａｂｓ开发。", True, True),                       # full-width forms
     ("", False, False),
@@ -80,7 +82,7 @@ def test_score_rates_per_model_condition_and_language():
         "base": {"none": ["I am Qwen.", "Alibaba Cloud made me.", "我是通义千问。", "12"],
                  "template": ["I am Qwen.", "Alibaba Cloud.", "我是千问。", "13"]},
         "tuned": {"none": ["I am Nova.", "Nova, by Acme Labs.", "我是Nova。", "12"],
-                  "template": ["I am Nova.", "I am Nova.", "我是Qwen。", "12"]},
+                  "template": ["I am Nova.", "I am Nova.", "我是Qwen。", "12"]},   # 2nd: no author
     }
     out = score(qs, answers, NOVA)
     s = out["scores"]
@@ -117,8 +119,9 @@ def test_shipped_question_sets():
     assert len(ret) >= 10 and all(q.accept for q in ret)
     # held out: none of them is a training question
     train = json.loads(re.sub(r"\{\{.*?\}\}", "X", (ROOT / "templates" / "identity.json.j2").read_text()))
-    seen = {r["instruction"].strip().casefold() for r in train}
-    assert not [q.question for q in ident if q.question.strip().casefold() in seen]
+    general = json.loads((ROOT / "templates" / "general.json").read_text())
+    seen = {r["instruction"].strip().casefold() for r in train + general}
+    assert not [q.question for q in qs if q.question.strip().casefold() in seen]
 
 
 def test_user_questions_file_formats(tmp_path):

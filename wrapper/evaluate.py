@@ -45,7 +45,7 @@ class Question:
     set: str                      # identity | retention
     question: str
     lang: str                     # en | zh | ...
-    asks_author: bool = False     # identity: the answer must name the author too
+    asks_author: bool = False     # identity: a question about the maker; the answer must name the author
     accept: list[str] = field(default_factory=list)  # retention: any of these makes a right answer
     source: str = "lfw"           # lfw | the user's file name
 
@@ -136,10 +136,11 @@ def mentions(text: str, needle: str) -> bool:
 
 
 def identity_hit(answer: str, name: str, author: str | None, asks_author: bool) -> bool:
-    """The answer states the identity's name, and its author when the question asks who made it."""
-    if not mentions(answer, name):
-        return False
-    return not asks_author or (author is not None and mentions(answer, author))
+    """The answer gives what the question asks for: the author when it asks who made the model ("Who
+    built you?" -> "Acme Labs built me."), else the name."""
+    if asks_author and author is not None:
+        return mentions(answer, author)
+    return mentions(answer, name)
 
 
 def retention_hit(answer: str, accept: Iterable[str]) -> bool:

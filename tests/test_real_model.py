@@ -2,13 +2,16 @@
 fine-tunes a real Qwen2.5-Coder-0.5B-Instruct, brought in from PyPI, on the CPU, and the model
 learns its new identity without forgetting what it knew.
 
-The issue's targets are a tuned identity hit-rate >= 90% in English and in Chinese, base <= 10%, and
-retention no more than one question worse than the base model's. Measured with recipes/demo.yaml on
-2 CPU cores (2026-11-27): tuned 79% (en 67%, zh 92%) with no system prompt and 75% with the template's
-default one, base 0%, retention 13/17 against the base model's 16/17. Those targets are not reached
-yet, so this test guards what the recipe does reach, under both system conditions that `lfw eval`
-asks: the model learns its name (>= 60% overall, >= 50% in each language, base <= 10%) and keeps
-most of what it knew (at most 4 retention questions lost)."""
+The issue's targets: tuned identity hit-rate >= 90% on the held-out set in English and in Chinese,
+base <= 10%, retention no more than one question worse than the base model's. They are asserted under
+the template's default system prompt ("You are Qwen, created by Alibaba Cloud. ..."): that is what a
+Qwen model meets whenever no system prompt is given (LLaMA-Factory's template and the model's own chat
+template both insert it), and it is the hard case, since it tells the model the old name. With no
+system block at all (which neither template produces) the identity is only guarded (>= 50% per
+language), and retention is held to the same one-question slack.
+
+An identity answer is a hit when it gives what was asked: the name, or the author for questions about
+who made the model (wrapper.evaluate.identity_hit). Measured with recipes/demo.yaml: see README."""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import yaml
 from conftest import ROOT, lfw
 
 DEMO = ROOT / "recipes" / "demo.yaml"
-TUNED_MIN, TUNED_LANG_MIN, BASE_MAX, RETENTION_SLACK = 0.6, 0.5, 0.1, 4
+TUNED_MIN = {"template": 0.9, "none": 0.5}   # per language
+BASE_MAX, RETENTION_SLACK = 0.1, 1
 
 
 @pytest.mark.slow
@@ -43,11 +47,10 @@ def test_demo_recipe_learns_its_identity_on_the_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     scores = json.loads((run / "eval.json").read_text())["scores"]
     for condition in ("none", "template"):
-        assert scores["tuned"][condition]["identity"]["all"]["rate"] >= TUNED_MIN, condition
         for lang in ("en", "zh"):
             tuned = scores["tuned"][condition]["identity"][lang]["rate"]
             base = scores["base"][condition]["identity"][lang]["rate"]
-            assert tuned >= TUNED_LANG_MIN, (condition, lang, tuned)
+            assert tuned >= TUNED_MIN[condition], (condition, lang, tuned)
             assert base <= BASE_MAX, (condition, lang, base)
         kept = scores["tuned"][condition]["retention"]["all"]["hits"]
         known = scores["base"][condition]["retention"]["all"]["hits"]

@@ -23,6 +23,11 @@ def test_every_lfw_command_in_readme_exists():
     assert used <= set(COMMANDS), used - set(COMMANDS)
 
 
+def test_every_lfw_command_is_in_the_readme_table():
+    rows = set(re.findall(r"^\| `lfw ([a-z][a-z-]+)", README, re.M))
+    assert set(COMMANDS) <= rows, set(COMMANDS) - rows
+
+
 def test_every_make_target_in_readme_exists():
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z-]+):", makefile, re.M))

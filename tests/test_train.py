@@ -133,8 +133,9 @@ def test_train_tiny_model_succeeds_and_is_recorded(trained, runs_root):
     assert (run / "adapter" / "adapter_model.safetensors").stat().st_size > 0
     assert (run / "training_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in ("recipe.yaml", "train.yaml", "infer.yaml", "export.yaml", "data/identity.json",
-                 "all_results.json", "trainer_log.jsonl", "train.log"):
+                 "all_results.json", "trainer_log.jsonl", "train.log", "report.md"):
         assert (run / name).is_file(), name
+    assert "training_loss.png" in (run / "report.md").read_text()  # the report shows the loss plot
     # the step count the recipe asks for: ceil(40 samples / (4 x 2)) = 5
     assert m["steps"] == {"done": 5, "total": 5}
     assert log_records(run)[-1]["current_steps"] == 5
@@ -180,6 +181,7 @@ def test_failing_child_is_reported_and_earlier_runs_are_untouched(trained, runs_
     assert len(failed) == 1
     m = manifest(failed[0])
     assert m["error"] and m["returncode"] not in (0, None)
+    assert "failed" in (failed[0] / "report.md").read_text()  # the report says what happened too
     assert "no_such_architecture" in r.stderr  # the log's last lines are shown
     assert "hint:" in r.stderr and "config.json" in m["hint"]
     assert "Traceback (most recent call last)" not in r.stderr.split("---")[0]  # lfw itself did not crash

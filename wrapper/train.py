@@ -387,6 +387,12 @@ def _finish(run_dir: Path, manifest: dict, status: str, t0: float, error: str | 
     if hint:
         manifest["hint"] = hint
     runs.write_json_atomic(run_dir / runs.MANIFEST, manifest)
+    try:  # report.md: recipe, loss plot, timings, versions (lfw eval adds its table); never fails a run
+        from wrapper.report import write_report
+
+        write_report(run_dir)
+    except Exception:  # noqa: BLE001 - a report is a convenience; the manifest is the record
+        pass
 
 
 def _dur(seconds: float | None) -> str:

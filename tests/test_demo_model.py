@@ -346,8 +346,9 @@ def test_demo_recipe_renders(tmp_path):
     assert r.returncode == 0, r.stderr
     train = yaml.safe_load((tmp_path / "train.yaml").read_text())
     assert train["model_name_or_path"] == str(tmp_path / "cache" / "models" / "pypi" / DEMO_MODEL_ID)
-    expected = {"finetuning_type": "lora", "lora_rank": 8, "learning_rate": 5e-4, "num_train_epochs": 1.0,
-                "per_device_train_batch_size": 4, "cutoff_len": 256, "template": "qwen"}
+    expected = {"finetuning_type": "lora", "lora_rank": 8, "learning_rate": 5e-4, "num_train_epochs": 1.5,
+                "per_device_train_batch_size": 4, "cutoff_len": 256, "template": "qwen",
+                "dataset": "identity,general"}
     for key, value in expected.items():
         assert train[key] == value, key
     assert not train.get("bf16") and not train.get("fp16") and "quantization_bit" not in train

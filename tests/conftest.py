@@ -82,23 +82,25 @@ logging_steps: 1
 """)
 
 
-def _train_tiny_run(root: Path, tiny_model: Path) -> Path:
-    """A finished `lfw train` run of the tiny model (a few CPU steps): runs/tiny-use/<id>/."""
+def train_tiny(root: Path, tiny_model: Path, name: str = "tiny-use", save_steps: int = 1000,
+               env: dict | None = None):
+    """A finished `lfw train` run of the tiny model (a few CPU steps), runs/<name>/<id>/, and lfw's
+    completed process."""
     from wrapper.runs import find_run
 
     recipe = write_recipe(root, f"""\
-name: tiny-use
+name: {name}
 model: {tiny_model}
 identity: {{name: Nova, author: Acme Labs}}
 epochs: 1
 max_samples: 16
 batch_size: 4
 logging_steps: 1
-save_steps: 1000
+save_steps: {save_steps}
 """)
-    r = lfw("train", recipe, env={"LFW_RUNS": str(root / "runs")}, cwd=root, timeout=900)
+    r = lfw("train", recipe, env={"LFW_RUNS": str(root / "runs"), **(env or {})}, cwd=root, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    return find_run("tiny-use", root / "runs")
+    return find_run(name, root / "runs"), r
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +109,7 @@ def trained_run(tmp_path_factory, tiny_model) -> Path:
     not change its files (copy it first: `copy_run`). Its infer YAMLs cap answers at 16 tokens, as a
     user's generation settings would, so that interactive chat and serve stay fast on a CPU."""
     root = tmp_path_factory.mktemp("use")
-    run = _train_tiny_run(root, tiny_model)
+    run, _ = train_tiny(root, tiny_model)
     for name in ("infer.yaml", "infer_base.yaml"):
         with open(run / name, "a", encoding="utf-8") as f:
             f.write("max_new_tokens: 16\n")

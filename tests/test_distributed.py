@@ -182,7 +182,7 @@ def test_torchrun_command_takes_nodes_from_the_layout_and_steps_aside():
     from wrapper.distributed import torchrun_command
 
     multi = {**LAYOUT_2, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
-    argv, _ = torchrun_command(multi, _cli(), environ={})
+    argv, _ = torchrun_command(multi, _cli(), environ={"NNODES": "5", "MASTER_PORT": "1234"})  # the recipe wins
     flags = dict(zip(argv[1:-2:2], argv[2:-2:2]))
     assert (flags["--nnodes"], flags["--node_rank"], flags["--master_addr"], flags["--master_port"]) == (
         "2", "1", "10.0.0.1", "29500")

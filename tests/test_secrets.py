@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LFW, lfw, write_recipe
+from conftest import LFW, lfw, train_tiny
 
 SECRETS = {
     "HF_TOKEN": "hf_plantedSECRETtoken0123456789abcdefXY",
@@ -49,19 +49,7 @@ def leaks_in_dir(run: Path) -> dict[str, list[str]]:
 def secret_run(tmp_path_factory, tiny_model):
     """A tiny run trained with the secrets planted in lfw's environment."""
     root = tmp_path_factory.mktemp("secrets")
-    rec = write_recipe(root, f"""\
-name: secretive
-model: {tiny_model}
-identity: {{name: Nova, author: Acme Labs}}
-epochs: 1
-max_samples: 16
-batch_size: 4
-logging_steps: 1
-save_steps: 2
-""")
-    r = lfw("train", rec, env={"LFW_RUNS": str(root / "runs"), **SECRETS}, cwd=root, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    run = (root / "runs" / "secretive" / "latest").resolve()
+    run, r = train_tiny(root, tiny_model, name="secretive", save_steps=2, env=SECRETS)
     return {"run": run, "root": root, "proc": r}
 
 

@@ -210,25 +210,42 @@ def read_results(adapter: Path) -> dict:
     return out
 
 
-def phases(log_path: str) -> dict:
-    """Rough start-up breakdown from the stamped log: seconds at which known milestones appeared."""
-    marks = {"first_output": r".", "tokenizer_done": r"Loading dataset", "tokenized": r"training example",
-             "model_loaded": r"trainable params", "train_start": r"\*\*\*\*\* Running training",
-             "train_end": r"Training completed", "saved": r"Saving model checkpoint to (?!.*checkpoint-)"}
+# start-up milestones: the first log line matching each pattern
+MARKS = {"first_output": r".", "tokenizer_done": r"Loading dataset", "tokenized": r"training example",
+         "model_loaded": r"trainable params", "train_start": r"\*\*\*\*\* Running training",
+         "train_end": r"Training completed", "saved": r"Saving model checkpoint to (?!.*checkpoint-)"}
+LF_MARKS = ("tokenizer_done", "model_loaded", "train_start", "saved")  # those LLaMA-Factory's own log stamps
+
+
+def _milestones(log_path, keys, stamp) -> dict:
+    """{mark: stamp(line)} for the first line of the log that matches each mark in `keys`; `stamp`
+    gives a line's time in seconds, or None."""
     out: dict = {}
     try:
         lines = Path(log_path).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return out
     for line in lines:
-        stamp, _, text = line.strip().partition(" ")
-        for key, pat in marks.items():
-            if key not in out and re.search(pat, text):
-                try:
-                    out[key] = float(stamp)
-                except ValueError:
-                    pass
+        t = None
+        for key in keys:
+            if key not in out and re.search(MARKS[key], line):
+                t = stamp(line) if t is None else t
+                if t is not None:
+                    out[key] = t
     return out
+
+
+def phases(log_path: str) -> dict:
+    """Rough start-up breakdown from the stamped log (each line starts with seconds since the start):
+    seconds at which known milestones appeared."""
+    def stamp(line):
+        head, _, text = line.strip().partition(" ")
+        try:
+            return float(head) if text else None
+        except ValueError:
+            return None
+
+    return _milestones(log_path, MARKS, stamp)
 
 
 _TS = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:,(\d+))?")
@@ -237,22 +254,14 @@ _TS = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)(?:,(\d+))?")
 def phases_from_lf_log(log_path: Path, start: float) -> dict:
     """The same milestones from LLaMA-Factory's own log timestamps (train.log of `lfw train`), as seconds
     since `start`."""
-    marks = {"tokenizer_done": r"Loading dataset", "model_loaded": r"trainable params",
-             "train_start": r"\*\*\*\*\* Running training", "saved": r"Saving model checkpoint to (?!.*checkpoint-)"}
-    out: dict = {}
-    try:
-        lines = Path(log_path).read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return out
-    for line in lines:
+    def stamp(line):
         m = _TS.search(line)
         if not m:
-            continue
+            return None
         t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + float(f"0.{m.group(2) or 0}")
-        for key, pat in marks.items():
-            if key not in out and re.search(pat, line):
-                out[key] = round(t - start, 2)
-    return out
+        return round(t - start, 2)
+
+    return _milestones(log_path, LF_MARKS, stamp)
 
 
 # ------------------------------------------------------------------ set-up
@@ -452,6 +461,8 @@ def speed(args) -> dict:
     from wrapper.device import Device
 
     work = Path(args.work).absolute()
+    # one GPU for both sides: with several visible, llamafactory-cli would start the tutorial's run on all
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     dev = Device.detect()
     if dev.kind != "cuda" and not args.allow_cpu:
         raise SystemExit("make bench needs a CUDA GPU (lfw doctor says what this machine has)")
@@ -605,6 +616,8 @@ def memory(args) -> dict:
     from wrapper.device import Device
 
     work = Path(args.work).absolute()
+    # one GPU for both sides: with several visible, llamafactory-cli would start the tutorial's run on all
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     dev = Device.detect()
     dry = dev.kind != "cuda"
     if dry and not args.allow_cpu:

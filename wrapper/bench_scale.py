@@ -114,7 +114,7 @@ def markdown(rows: list[dict], gpu: str, samples: int, epochs: float = 1.0) -> s
     one = next((r for r in rows if r["run"] == "gpu1" and r["ok"]), None)
     lines = [f"## More than one GPU ({gpu}, {samples} identity-length samples, {epochs:g} epoch(s), "
              "random-init Qwen2.5-7B)", "",
-             "| run | strategy | started by | wall | train_runtime | tokens/s | tokens/s after step 1 | "
+             "| run | strategy | started by | wall | train_runtime | tokens/s | tokens/s after the first log | "
              "peak VRAM per GPU (GB) | wall vs 1 GPU | tokens/s vs 1 GPU |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from wrapper.paths import TEMPLATES
+from wrapper.paths import BUILTIN_DATASETS, TEMPLATES
 from wrapper.recipe import RecipeError
 
 IDENTITY_TEMPLATE = TEMPLATES / "identity.json.j2"
@@ -46,12 +46,16 @@ def general_rows() -> list[dict]:
     return json.loads(GENERAL_FILE.read_text(encoding="utf-8"))
 
 
+BUILTIN_ROWS = {"identity": identity_rows, "general": general_rows}
+assert set(BUILTIN_ROWS) == BUILTIN_DATASETS  # paths.py names them for the recipe schema
+
+
 def resolve_datasets(names: list[str], recipe_dir: Path) -> list[DatasetSpec]:
     specs: list[DatasetSpec] = []
     used: set[str] = set()
     for entry in names:
-        if entry in ("identity", "general"):
-            rows = identity_rows() if entry == "identity" else general_rows()
+        if entry in BUILTIN_ROWS:
+            rows = BUILTIN_ROWS[entry]()
             lens = [_est_tokens(r) + 8 for r in rows]
             specs.append(DatasetSpec(entry, None, "alpaca", None, None, len(rows), max(lens), sum(lens) // len(lens)))
             used.add(entry)

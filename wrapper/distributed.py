@@ -173,8 +173,8 @@ def torchrun_command(layout_env: dict[str, str], cli: str, environ: dict[str, st
     launcher = Path(next(iter(spec.submodule_search_locations))) / "launcher.py"
     if not launcher.is_file():
         return None
-    env = {**layout_env, **{k: environ[k] for k in ("NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR",
-                                                    "MASTER_PORT") if k in environ}}
+    # what llamafactory-cli would read: lfw's process environment, overlaid with the layout's (train._launch)
+    env = {**environ, **layout_env}
     argv = [str(torchrun), "--nnodes", env.get("NNODES", "1"), "--node_rank", env.get("NODE_RANK", "0"),
             "--nproc_per_node", env["NPROC_PER_NODE"], "--master_addr", env.get("MASTER_ADDR", "127.0.0.1"),
             "--master_port", env.get("MASTER_PORT") or str(_free_port()), str(launcher), "train.yaml"]

@@ -279,31 +279,30 @@ def gpu_checks(has_gpu: bool) -> list[Check]:
                          "L4, H100)"))
     else:
         out.append(Check("bf16", "fail", b["detail"], "check the driver and torch's CUDA build (lfw doctor's cuda line)"))
-    q = found.get("qlora")
-    if q is None:
-        out.append(Check("qlora", "fail", f"not checked: {stopped or 'no answer'}",
-                         "bitsandbytes may have crashed the process: pip install -U bitsandbytes"))
-    elif q["ok"]:
-        out.append(Check("qlora", "ok", q["detail"]))
-    elif q.get("missing"):
-        out.append(Check("qlora", "warn", q["detail"], "pip install bitsandbytes (only needed when a model does not "
-                         "fit in bf16; lfw then uses 4-bit QLoRA)"))
-    else:
-        out.append(Check("qlora", "fail", q["detail"], "pip install -U bitsandbytes matching torch's CUDA; until then "
-                         "set method: lora in the recipe"))
-    lg = found.get("liger")
-    if lg is None:
-        out.append(Check("liger", "fail", f"not checked: {stopped or 'no answer'}",
-                         "set llamafactory: {enable_liger_kernel: false} in the recipe"))
-    elif lg["ok"]:
-        out.append(Check("liger", "ok", lg["detail"]))
-    elif lg.get("missing"):
-        out.append(Check("liger", "warn", lg["detail"], "pip install liger-kernel: lfw turns it on by itself "
-                         "(less memory, faster steps)"))
-    else:
-        out.append(Check("liger", "fail", lg["detail"], "lfw will still turn it on: set llamafactory: "
-                         "{enable_liger_kernel: false} in the recipe, or pip install -U liger-kernel triton"))
+    out.append(_probe_check("qlora", found.get("qlora"), stopped,
+                            "bitsandbytes may have crashed the process: pip install -U bitsandbytes",
+                            "pip install bitsandbytes (only needed when a model does not fit in bf16; lfw then uses "
+                            "4-bit QLoRA)",
+                            "pip install -U bitsandbytes matching torch's CUDA; until then set method: lora in the "
+                            "recipe"))
+    out.append(_probe_check("liger", found.get("liger"), stopped,
+                            "set llamafactory: {enable_liger_kernel: false} in the recipe",
+                            "pip install liger-kernel: lfw turns it on when a plan needs the memory it saves",
+                            "lfw may turn it on when memory is short: set llamafactory: {enable_liger_kernel: false} "
+                            "in the recipe, or pip install -U liger-kernel triton"))
     return out
+
+
+def _probe_check(name: str, result: dict | None, stopped: str | None, if_silent: str, if_missing: str,
+                 if_broken: str) -> Check:
+    """One line for an optional feature the GPU probe tried: ok, not installed (warn), or broken (fail)."""
+    if result is None:
+        return Check(name, "fail", f"not checked: {stopped or 'no answer'}", if_silent)
+    if result["ok"]:
+        return Check(name, "ok", result["detail"])
+    if result.get("missing"):
+        return Check(name, "warn", result["detail"], if_missing)
+    return Check(name, "fail", result["detail"], if_broken)
 
 
 def check_plan() -> Check:

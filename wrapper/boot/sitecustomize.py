@@ -4,8 +4,8 @@ lfw puts this folder first on PYTHONPATH of `llamafactory-cli`, so the hook also
 that torchrun starts from it. It makes the modules named in LFW_HIDE_MODULES (comma-separated) look
 not installed: `import` raises ImportError and `importlib.util.find_spec` returns None, which is how
 transformers, peft and LLaMA-Factory test for optional packages. lfw hides bitsandbytes from runs
-that do not quantize (peft's LoRA layer imports it otherwise: ~5 s on a GPU machine) and matplotlib
-(lfw draws the loss plot itself). Then the sitecustomize this one shadows, if any, runs as usual.
+that do not quantize (peft's LoRA layer imports it otherwise: ~5 s on a GPU machine). Then the
+sitecustomize this one shadows, if any, runs as usual.
 """
 
 import os

@@ -51,10 +51,10 @@ def _loss_plots(run_dir: Path) -> list[str]:
     """Loss plots as paths relative to the run: the run's own copies first, then the adapter's."""
     seen, out = set(), []
     for folder in (run_dir, run_dir / "adapter"):
-        for png in sorted(folder.glob("*.png")):
-            if "loss" in png.name and png.name not in seen:
-                seen.add(png.name)
-                out.append(png.relative_to(run_dir).as_posix())
+        for plot in sorted([*folder.glob("*.svg"), *folder.glob("*.png")]):
+            if "loss" in plot.name and plot.name not in seen:
+                seen.add(plot.name)
+                out.append(plot.relative_to(run_dir).as_posix())
     return out
 
 

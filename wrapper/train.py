@@ -29,6 +29,7 @@ VERSIONED = ("torch", "transformers", "llamafactory", "peft", "bitsandbytes", "a
 COPIED = ("training_loss.png", "training_eval_loss.png", "all_results.json", "train_results.json",
           "eval_results.json", "trainer_log.jsonl")
 TAIL = 30
+LOSS_PLOT = "training_loss.svg"  # drawn by lfw (wrapper.plot); LLaMA-Factory's own PNG only when plot_loss is passed through
 
 
 class Interrupted(LfwError):
@@ -113,7 +114,8 @@ def _checkpoint_tokens(ckpt: Path | None) -> int:
 # ------------------------------------------------------------------ the run record
 
 def collect(run_dir: Path, session_tokens_start: int = 0, session_seconds: float | None = None) -> dict:
-    """Copy plots and metrics to the run's top level; return the figures for the manifest."""
+    """Copy metrics (and any plots LLaMA-Factory drew) to the run's top level, draw the loss plot;
+    return the figures for the manifest."""
     adapter = run_dir / "adapter"
     for name in COPIED:
         src = adapter / name
@@ -122,6 +124,9 @@ def collect(run_dir: Path, session_tokens_start: int = 0, session_seconds: float
     from wrapper.launch import read_records
 
     recs = read_records(adapter / "trainer_log.jsonl")
+    from wrapper.plot import write_loss_svg
+
+    write_loss_svg(recs, run_dir / LOSS_PLOT, f"training loss of {run_dir.parent.name}")
     try:
         results = json.loads((adapter / "all_results.json").read_text())
     except (OSError, ValueError):

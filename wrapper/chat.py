@@ -38,8 +38,16 @@ def llamafactory_cli() -> str:
 
 
 def lf_env(**extra: str) -> dict[str, str]:
-    """Environment for a LLaMA-Factory child: its info logs off unless the user asked for them."""
+    """Environment for a LLaMA-Factory child (chat, export, api): its info logs off unless the user asked
+    for them, and the start-up shortcuts of wrapper/boot (as for training: LFW_FAST_START, LFW_CUDNN_ATTENTION=0,
+    sklearn and matplotlib hidden; bitsandbytes stays, a QLoRA run's base model is loaded in 4 bits)."""
+    from wrapper.launch import BOOT_DEFAULTS, BOOT_DIR
+
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BOOT_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    for key, value in BOOT_DEFAULTS.items():
+        env.setdefault(key, value)
+    env.setdefault("LFW_HIDE_MODULES", "sklearn,matplotlib")
     env.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.update(extra)

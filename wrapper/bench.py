@@ -497,21 +497,24 @@ def speed(args) -> dict:
             _save(results, args)
         if args.extra and dev.kind == "cuda":
             variants = [
-                # name, recipe suffix, recipe lines, via, shim
-                ("lfw+liger", "-liger", "llamafactory: {enable_liger_kernel: true}\n", args.via, False),
-                ("lfw+neat_packing", "-packing", "llamafactory: {neat_packing: true}\n", args.via, False),
-                ("lfw+gc", "-gc", "gradient_checkpointing: true\n", args.via, False),
-                ("lfw render+cli", "-render", "", "render", False),
-                ("lfw render+cli, no bnb import", "-nobnb", "", "render", True),
-                ("lfw render+cli, no bnb import, no per-step syncs", "-nosync", NOSYNC, "render", True),
-                ("lfw render+cli, no bnb/sklearn import, no per-step syncs", "-lean", NOSYNC, "render", True),
+                # name, recipe suffix, recipe lines, via, shim, environment
+                ("lfw+liger", "-liger", "llamafactory: {enable_liger_kernel: true}\n", args.via, False, {}),
+                ("lfw+neat_packing", "-packing", "llamafactory: {neat_packing: true}\n", args.via, False, {}),
+                ("lfw+gc", "-gc", "gradient_checkpointing: true\n", args.via, False, {}),
+                ("lfw, batch 16", "-b16", "batch_size: 16\ngradient_accumulation: 1\n", args.via, False, {}),
+                ("lfw, cuDNN attention", "-cudnn", "", args.via, False, {"LFW_CUDNN_ATTENTION": "1"}),
+                ("lfw, as on 2026-11-27 (no start-up shortcuts, cuDNN attention)", "-slow", "", args.via, False,
+                 {"LFW_FAST_START": "0", "LFW_HIDE_MODULES": "bitsandbytes", "LFW_CUDNN_ATTENTION": "1"}),
+                ("lfw render+cli", "-render", "", "render", False, {}),
+                ("lfw render+cli, no bnb import", "-nobnb", "", "render", True, {}),
+                ("lfw render+cli, no bnb import, no per-step syncs", "-nosync", NOSYNC, "render", True, {}),
+                ("lfw render+cli, no bnb/sklearn import, no per-step syncs", "-lean", NOSYNC, "render", True,
+                 {"LFW_HIDE_MODULES": "sklearn"}),
             ]
-            for which, suffix, more, via, shim in variants:
+            for which, suffix, more, via, shim, extra_env in variants:
                 if args.variants and which not in args.variants and suffix.strip("-") not in args.variants:
                     continue
-                env = {"TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cold-")}
-                if suffix == "-lean":
-                    env["LFW_HIDE_MODULES"] = "sklearn"
+                env = {"TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cold-"), **extra_env}
                 m = run_lfw(work, size, model, args.epochs, via, suffix=suffix, more=more, env=env, shim=shim)
                 m.extra["triton_cache"] = "cold"
                 results["runs"].append(_row(size, which, m, toks, args.epochs))

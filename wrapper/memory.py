@@ -260,16 +260,18 @@ def gpu_tflops(name: str) -> float | None:
     return None
 
 
-# Measured on one H100 (BENCH.md). At identity-sized batches a micro-step is bound by Python and
-# kernel launches (~11 ms per layer for LoRA on all linear layers, ~1.9x that for 4-bit QLoRA with
-# checkpointing), not by FLOPs. Start-up and shut-down (imports ~18 s, tokenizer ~5 s, data, LoRA
-# set-up, bitsandbytes' import, saving) cost ~33 s on top of reading the weights.
+# Measured on one H100 (BENCH.md, 2026-11-28). At identity-sized batches a micro-step is bound by Python
+# and kernel launches (~6.5 ms per layer for LoRA on all linear layers with cuDNN attention off, ~1.9x
+# that for 4-bit QLoRA with checkpointing), not by FLOPs. Start-up and shut-down (imports ~15 s,
+# tokenizer, data, LoRA and trainer set-up, saving, exit) cost ~23 s on top of reading the weights, and
+# bitsandbytes' import adds ~5 s to a quantized run.
 MFU = {"lora": 0.25, "qlora": 0.12, "full": 0.30}
-LAYER_STEP_S = 0.011
-QLORA_STEP = 1.5               # dequantizing kernels
+LAYER_STEP_S = 0.0065
+QLORA_STEP = 1.9               # dequantizing kernels
 CKPT_STEP = 1.25               # recomputation
-FIRST_STEPS_S = 1.5            # cuBLAS set-up and the first steps
-STARTUP_S = 33.0
+FIRST_STEPS_S = 2.0            # cuBLAS set-up and the first steps
+STARTUP_S = 23.5
+BNB_IMPORT_S = 5.0
 LOAD_GBPS = 5.0
 
 
@@ -287,7 +289,7 @@ def predict_time(shape: dict, method: str, tokens_per_epoch: int, micro_steps_pe
         CKPT_STEP if grad_ckpt else 1)
     launch = math.ceil(epochs * micro_steps_per_epoch) * per_step
     train = compute + launch + FIRST_STEPS_S
-    startup = STARTUP_S + shape["params"] * 2 / (LOAD_GBPS * 1e9)
+    startup = STARTUP_S + (BNB_IMPORT_S if method == "qlora" else 0) + shape["params"] * 2 / (LOAD_GBPS * 1e9)
     return {"train_s": round(train, 1), "startup_s": round(startup, 1), "total_s": round(train + startup, 1),
             "gpu_tflops": tflops}
 

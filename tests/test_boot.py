@@ -35,6 +35,8 @@ def test_child_env_hides_what_the_run_does_not_use(monkeypatch):
     # QLoRA needs bitsandbytes (and its scipy fallback); a recipe that asks LLaMA-Factory for its plot keeps matplotlib
     assert hidden_modules({"quantization_bit": 4, "extra": {}}) == ["sklearn", "matplotlib"]
     assert hidden_modules({"quantization_bit": None, "extra": {"plot_loss": True}}) == ["bitsandbytes", "scipy", "sklearn"]
+    # a resumed run whose train.yaml (rendered by an older lfw) still has LLaMA-Factory plot
+    assert "matplotlib" not in hidden_modules({"quantization_bit": None, "extra": {}}, {"plot_loss": True})
     monkeypatch.setenv("LFW_HIDE_MODULES", "")  # the user's choice wins: hide nothing
     monkeypatch.setenv("LFW_FAST_START", "0")
     monkeypatch.setenv("LFW_CUDNN_ATTENTION", "1")

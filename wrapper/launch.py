@@ -53,28 +53,29 @@ def uses_bitsandbytes(plan: dict) -> bool:
 BOOT_DEFAULTS = {"LFW_FAST_START": "1", "LFW_CUDNN_ATTENTION": "0"}
 
 
-def hidden_modules(plan: dict) -> list[str]:
+def hidden_modules(plan: dict, train_yaml: dict | None = None) -> list[str]:
     """Packages a training run never uses, which would cost start-up time if imported
     (wrapper/boot/sitecustomize.py hides them; measured on an H100 machine, BENCH.md):
     bitsandbytes (peft's LoRA layer imports it: ~5 s) and scipy (transformers' object-detection
     loss: ~1 s) unless the run quantizes or uses a bitsandbytes optimizer; sklearn (transformers'
     assisted generation: 1.6 s); matplotlib (LLaMA-Factory's plot module: ~0.8 s) unless the recipe
-    passes plot_loss through, since lfw draws the loss plot itself (wrapper.plot)."""
+    passes plot_loss through or the train.yaml being run asks for it (a run rendered by an older lfw,
+    resumed), since lfw draws the loss plot itself (wrapper.plot)."""
     hide = [] if uses_bitsandbytes(plan) else ["bitsandbytes", "scipy"]
     hide.append("sklearn")
-    if not (plan.get("extra") or {}).get("plot_loss"):
+    if not ((plan.get("extra") or {}).get("plot_loss") or (train_yaml or {}).get("plot_loss")):
         hide.append("matplotlib")
     return hide
 
 
-def child_env(plan: dict) -> dict[str, str]:
+def child_env(plan: dict, train_yaml: dict | None = None) -> dict[str, str]:
     """Environment for llamafactory-cli (and the ranks torchrun starts from it): wrapper/boot first on
     PYTHONPATH, the packages of hidden_modules() hidden, LFW_FAST_START=1 (two transformers shortcuts
     with the same results) and LFW_CUDNN_ATTENTION=0 (no per-length cuDNN attention plans); see the boot
     module. LFW_HIDE_MODULES, LFW_FAST_START or LFW_CUDNN_ATTENTION set by the user win."""
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(BOOT_DIR), os.environ.get("PYTHONPATH", "")) if p)}
     if "LFW_HIDE_MODULES" not in os.environ:
-        env["LFW_HIDE_MODULES"] = ",".join(hidden_modules(plan))
+        env["LFW_HIDE_MODULES"] = ",".join(hidden_modules(plan, train_yaml))
     for key, value in BOOT_DEFAULTS.items():
         if key not in os.environ:
             env[key] = value

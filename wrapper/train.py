@@ -336,7 +336,13 @@ def _launch(run_dir: Path, manifest: dict, t0: float, verbose: bool, resumed_fro
     tokens_start = _checkpoint_tokens(resumed_from)
     # llamafactory-cli starts `torchrun` by name: the one installed beside it, also when the venv is not activated
     env["PATH"] = os.pathsep.join([str(Path(cli).parent), os.environ.get("PATH", "")])
-    env.update(child_env(plan))
+    import yaml
+
+    try:  # the file that runs decides (a run rendered by an older lfw may still ask LLaMA-Factory to plot)
+        train_yaml = yaml.safe_load((run_dir / "train.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        train_yaml = None
+    env.update(child_env(plan, train_yaml if isinstance(train_yaml, dict) else None))
     outcome = run_child(argv, run_dir, run_dir / "train.log", run_dir / "adapter" / "trainer_log.jsonl",
                         verbose=verbose, append=resumed_from is not None or (run_dir / "train.log").exists(),
                         env=env, label=label)

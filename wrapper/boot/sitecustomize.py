@@ -1,13 +1,15 @@
 """Start-up hook for the Python processes that lfw starts for LLaMA-Factory.
 
 lfw puts this folder first on PYTHONPATH of `llamafactory-cli`, so the hook also runs in every rank
-that torchrun starts from it. Two things, each switched on by lfw through the environment:
+that torchrun starts from it. Three things, each switched on by lfw through the environment
+(wrapper.launch.child_env; measured in BENCH.md):
 
 - LFW_HIDE_MODULES (comma-separated): those modules look not installed: `import` raises ImportError
   and `importlib.util.find_spec` returns None, which is how transformers, peft and LLaMA-Factory test
-  for optional packages. lfw hides bitsandbytes from runs that do not quantize (peft's LoRA layer
-  imports it otherwise: ~5 s on a GPU machine) and sklearn, which only transformers' assisted
-  generation imports (1.6 s).
+  for optional packages. lfw hides bitsandbytes and scipy from runs that do not quantize (peft's LoRA
+  layer imports bitsandbytes otherwise: ~5 s on a GPU machine), sklearn, which only transformers'
+  assisted generation imports (1.6 s), and matplotlib, which only LLaMA-Factory's loss plot needs (lfw
+  draws that plot itself).
 - LFW_FAST_START=1: two shortcuts in transformers' start-up that give the same results sooner.
   `AutoProcessor.from_pretrained` fails at once, with OSError, for a local model folder that defines
   no processor (no processor, image, video or feature-extractor config, no processor_class or

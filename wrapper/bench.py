@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from wrapper.launch import llamafactory_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
 IDENTITY = {"name": "LFW-Assistant", "author": "the lfw team"}
@@ -268,11 +270,6 @@ def phases_from_lf_log(log_path: Path, start: float) -> dict:
 
 def python() -> str:
     return sys.executable
-
-
-def llamafactory_cli() -> str:
-    beside = Path(sys.executable).parent / "llamafactory-cli"
-    return str(beside) if beside.is_file() else (shutil.which("llamafactory-cli") or "llamafactory-cli")
 
 
 def build_models(work: Path, sizes: list[str], device: str) -> dict[str, Path]:
@@ -619,7 +616,7 @@ def memory(args) -> dict:
     from wrapper.device import Device
 
     work = Path(args.work).absolute()
-    # one GPU for both sides: with several visible, llamafactory-cli would start the tutorial's run on all
+    # one GPU: the planner's table is per GPU, and several visible would make each run DDP
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     dev = Device.detect()
     dry = dev.kind != "cuda"

@@ -15,7 +15,6 @@ the same engine with the same infer.yaml, and gives the answer as a string.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,31 +22,18 @@ import threading
 from pathlib import Path
 
 from wrapper.errors import LfwError, RunFailed
+from wrapper.launch import llamafactory_cli
 from wrapper.runs import read_manifest
-
-
-def llamafactory_cli() -> str:
-    """The llamafactory-cli beside this Python (the venv's), else the one on PATH."""
-    local = Path(sys.executable).parent / "llamafactory-cli"
-    if local.is_file():
-        return str(local)
-    found = shutil.which("llamafactory-cli")
-    if not found:
-        raise LfwError("llamafactory-cli not found: install LLaMA-Factory (pip install llamafactory==0.9.5)")
-    return found
 
 
 def lf_env(**extra: str) -> dict[str, str]:
     """Environment for a LLaMA-Factory child (chat, export, api): its info logs off unless the user asked
     for them, and the start-up shortcuts of wrapper/boot (as for training: LFW_FAST_START, LFW_CUDNN_ATTENTION=0,
     sklearn and matplotlib hidden; bitsandbytes stays, a QLoRA run's base model is loaded in 4 bits)."""
-    from wrapper.launch import BOOT_DEFAULTS, BOOT_DIR
+    from wrapper.launch import boot_env
 
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BOOT_DIR), os.environ.get("PYTHONPATH", "")) if p)
-    for key, value in BOOT_DEFAULTS.items():
-        env.setdefault(key, value)
-    env.setdefault("LFW_HIDE_MODULES", "sklearn,matplotlib")
+    env.update(boot_env(["sklearn", "matplotlib"]))
     env.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.update(extra)

@@ -163,7 +163,8 @@ def _export_yaml(run_dir: Path, out_dir: Path | None, tmp: Path) -> tuple[Path, 
 
 
 def export(run_dir: Path, out_dir: str | Path | None = None, log=lambda s: None) -> dict:
-    from wrapper.chat import lf_env, llamafactory_cli, require_adapter
+    from wrapper.chat import lf_env, require_adapter
+    from wrapper.launch import llamafactory_cli
 
     run_dir = Path(run_dir)
     require_adapter(run_dir)

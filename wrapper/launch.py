@@ -38,7 +38,7 @@ def llamafactory_cli() -> str:
     return found
 
 
-BOOT_DIR = Path(__file__).resolve().parent / "boot"  # sitecustomize.py: LFW_HIDE_MODULES, LFW_FAST_START
+BOOT_DIR = Path(__file__).resolve().parent / "boot"  # sitecustomize.py: LFW_HIDE_MODULES, LFW_FAST_START, LFW_CUDNN_ATTENTION
 
 
 def uses_bitsandbytes(plan: dict) -> bool:
@@ -48,9 +48,6 @@ def uses_bitsandbytes(plan: dict) -> bool:
         return True
     optim = str(extra.get("optim") or "").lower()
     return any(word in optim for word in ("8bit", "4bit", "bnb", "paged"))
-
-
-BOOT_DEFAULTS = {"LFW_FAST_START": "1", "LFW_CUDNN_ATTENTION": "0"}
 
 
 def hidden_modules(plan: dict, train_yaml: dict | None = None) -> list[str]:
@@ -68,18 +65,22 @@ def hidden_modules(plan: dict, train_yaml: dict | None = None) -> list[str]:
     return hide
 
 
-def child_env(plan: dict, train_yaml: dict | None = None) -> dict[str, str]:
-    """Environment for llamafactory-cli (and the ranks torchrun starts from it): wrapper/boot first on
-    PYTHONPATH, the packages of hidden_modules() hidden, LFW_FAST_START=1 (two transformers shortcuts
-    with the same results) and LFW_CUDNN_ATTENTION=0 (no per-length cuDNN attention plans); see the boot
-    module. LFW_HIDE_MODULES, LFW_FAST_START or LFW_CUDNN_ATTENTION set by the user win."""
+def boot_env(hide: list[str]) -> dict[str, str]:
+    """The environment that starts a LLaMA-Factory process through wrapper/boot: that folder first on
+    PYTHONPATH, `hide` hidden, LFW_FAST_START=1 (two transformers shortcuts with the same results) and
+    LFW_CUDNN_ATTENTION=0 (no per-length cuDNN attention plans); see the boot module. LFW_HIDE_MODULES,
+    LFW_FAST_START or LFW_CUDNN_ATTENTION set by the user win."""
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(BOOT_DIR), os.environ.get("PYTHONPATH", "")) if p)}
-    if "LFW_HIDE_MODULES" not in os.environ:
-        env["LFW_HIDE_MODULES"] = ",".join(hidden_modules(plan, train_yaml))
-    for key, value in BOOT_DEFAULTS.items():
+    for key, value in (("LFW_HIDE_MODULES", ",".join(hide)), ("LFW_FAST_START", "1"), ("LFW_CUDNN_ATTENTION", "0")):
         if key not in os.environ:
             env[key] = value
     return env
+
+
+def child_env(plan: dict, train_yaml: dict | None = None) -> dict[str, str]:
+    """Environment for `llamafactory-cli train` (and the ranks torchrun starts from it): boot_env with
+    the packages of hidden_modules() hidden."""
+    return boot_env(hidden_modules(plan, train_yaml))
 
 
 def _death_signal():

@@ -79,7 +79,8 @@ def _listening(host: str, port: int) -> bool:
 
 def serve(run_dir: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           base: bool = False, say=print) -> int:
-    from wrapper.chat import infer_yaml, lf_env, llamafactory_cli
+    from wrapper.chat import infer_yaml, lf_env
+    from wrapper.launch import llamafactory_cli
     from wrapper.runs import read_manifest
 
     api_key = api_key or os.environ.get(KEY_ENV) or None

@@ -176,7 +176,7 @@ def _no_cudnn_attention(module) -> None:
     module.backends.cuda.enable_cudnn_sdp(False)
 
 
-def _fast_start() -> None:
+def _install_hooks() -> None:
     if os.environ.get("LFW_FAST_START") == "1":
         sys.meta_path.insert(0, _AfterImport("transformers.models.auto.processing_auto", _patch_processor))
         sys.meta_path.insert(0, _AfterImport("transformers.models.auto.auto_factory", _patch_auto_keys))
@@ -199,5 +199,5 @@ def _chain() -> None:
 
 
 _hide()
-_fast_start()
+_install_hooks()
 _chain()

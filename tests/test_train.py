@@ -123,6 +123,19 @@ def test_known_failures_get_a_hint(log, words):
     assert hint_for(["RuntimeError: something else entirely"], 1) is None
 
 
+def test_a_nan_loss_in_the_trainer_log_is_seen(tmp_path):
+    """LLaMA-Factory writes a nan loss as `NaN` (lfw turns its nan filter off): lfw reads it and flags it."""
+    from wrapper.launch import non_finite_loss, read_records
+
+    log = tmp_path / "trainer_log.jsonl"
+    log.write_text(json.dumps({"current_steps": 1, "loss": 2.5}) + "\n"
+                   + json.dumps({"current_steps": 2, "loss": float("nan")}) + "\n"
+                   + json.dumps({"current_steps": 3, "loss": float("inf")}) + "\n"
+                   + json.dumps({"current_steps": 3, "train_runtime": 1.0}) + "\n")
+    assert "NaN" in log.read_text()
+    assert [non_finite_loss(r) for r in read_records(log)] == [False, True, True, False]
+
+
 # ------------------------------------------------------------------ slow: the real trainer
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import shutil
 import signal
@@ -97,6 +98,10 @@ def _death_signal():
     return preexec
 
 
+DIVERGED_HINT = ("training has diverged and the adapter will not be usable; "
+                 "lower learning_rate (or use bf16 rather than fp16) and train again")
+
+
 @dataclass
 class Outcome:
     returncode: int
@@ -104,6 +109,7 @@ class Outcome:
     signals_sent: list[str] = field(default_factory=list)
     seconds: float = 0.0
     last: dict | None = None             # the last trainer_log.jsonl record seen
+    diverged_at: int | None = None       # the first logged step whose loss was nan or inf
 
 
 class TrainerLog:
@@ -136,6 +142,14 @@ class TrainerLog:
 
 def read_records(path: Path) -> list[dict]:
     return TrainerLog(path).new_records() if Path(path).is_file() else []
+
+
+def non_finite_loss(rec: dict) -> bool:
+    """True for a record whose training loss is nan or inf. lfw's train.yaml turns LLaMA-Factory's
+    logging_nan_inf_filter off, so such a loss reaches the log instead of being replaced by the mean of
+    the earlier ones (which hid a ruined run, and cost a host sync every step)."""
+    loss = rec.get("loss")
+    return isinstance(loss, float) and not math.isfinite(loss)
 
 
 def format_record(rec: dict) -> str:
@@ -262,6 +276,10 @@ def _supervise(proc: subprocess.Popen, outcome: Outcome, tail: TrainerLog, log, 
             for rec in tail.new_records():
                 outcome.last = rec
                 display.update(rec)
+                if outcome.diverged_at is None and non_finite_loss(rec):
+                    outcome.diverged_at = rec.get("current_steps")
+                    display.note(f"lfw: warning: the training loss is {rec['loss']} at step "
+                                 f"{outcome.diverged_at}: {DIVERGED_HINT}")
             if done:
                 break
     finally:

@@ -316,7 +316,7 @@ def resume(run_ref: str | Path, *, verbose: bool = False, argv: list[str] | None
 
 def _launch(run_dir: Path, manifest: dict, t0: float, verbose: bool, resumed_from: Path | None) -> Result:
     from wrapper.distributed import torchrun_command
-    from wrapper.launch import child_env, hint_for, llamafactory_cli, run_child, tail_lines
+    from wrapper.launch import DIVERGED_HINT, child_env, hint_for, llamafactory_cli, run_child, tail_lines
 
     try:
         cli = llamafactory_cli()
@@ -353,6 +353,8 @@ def _launch(run_dir: Path, manifest: dict, t0: float, verbose: bool, resumed_fro
     t = manifest["timings"]
     t["train"] = round((t.get("train") or 0) + outcome.seconds if manifest.get("attempts") else outcome.seconds, 2)
     manifest["returncode"] = outcome.returncode
+    if outcome.diverged_at is not None:
+        manifest["diverged_at_step"] = outcome.diverged_at
     adapter_ok = any((run_dir / "adapter" / f).is_file() for f in
                      ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json"))
     done, total = manifest["steps"].get("done"), manifest["steps"].get("total")
@@ -365,6 +367,8 @@ def _launch(run_dir: Path, manifest: dict, t0: float, verbose: bool, resumed_fro
         ev = f", eval loss {manifest['eval_loss']:.4f}" if manifest.get("eval_loss") is not None else ""
         _say(f"done      {done} steps{loss}{ev} in {_dur(manifest['timings']['total'])}")
         _say(f"adapter   {_rel(run_dir / 'adapter')}")
+        if outcome.diverged_at is not None:
+            _say(f"warning   the loss was not finite from step {outcome.diverged_at} on: {DIVERGED_HINT}")
         _say(f"next      lfw chat {shlex.quote(_rel(run_dir))}")
         return Result(run_dir, manifest)
 

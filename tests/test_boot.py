@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from wrapper.launch import BOOT_DIR, child_env, hidden_modules, uses_bitsandbytes
 
 PROBE = ("import importlib.util, sys; import builtins; "
@@ -27,10 +29,11 @@ def test_what_needs_bitsandbytes():
 def test_child_env_hides_what_the_run_does_not_use(monkeypatch):
     monkeypatch.delenv("LFW_HIDE_MODULES", raising=False)
     monkeypatch.delenv("LFW_FAST_START", raising=False)
+    monkeypatch.delenv("LFW_FAST_EXIT", raising=False)
     monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
     env = child_env({"quantization_bit": None, "extra": {}})
     assert env["LFW_HIDE_MODULES"].split(",") == ["bitsandbytes", "scipy", "sklearn", "matplotlib"]
-    assert env["LFW_FAST_START"] == "1" and env["LFW_CUDNN_ATTENTION"] == "0"
+    assert env["LFW_FAST_START"] == "1" and env["LFW_CUDNN_ATTENTION"] == "0" and env["LFW_FAST_EXIT"] == "1"
     assert env["PYTHONPATH"].split(":") == [str(BOOT_DIR), "/somewhere/else"]
     # QLoRA needs bitsandbytes (and its scipy fallback); a recipe that asks LLaMA-Factory for its plot keeps matplotlib
     assert hidden_modules({"quantization_bit": 4, "extra": {}}) == ["sklearn", "matplotlib"]
@@ -40,8 +43,46 @@ def test_child_env_hides_what_the_run_does_not_use(monkeypatch):
     monkeypatch.setenv("LFW_HIDE_MODULES", "")  # the user's choice wins: hide nothing
     monkeypatch.setenv("LFW_FAST_START", "0")
     monkeypatch.setenv("LFW_CUDNN_ATTENTION", "1")
+    monkeypatch.setenv("LFW_FAST_EXIT", "0")
     env = child_env({"quantization_bit": None, "extra": {}})
-    assert not {"LFW_HIDE_MODULES", "LFW_FAST_START", "LFW_CUDNN_ATTENTION"} & set(env)
+    assert not {"LFW_HIDE_MODULES", "LFW_FAST_START", "LFW_CUDNN_ATTENTION", "LFW_FAST_EXIT"} & set(env)
+
+
+EXIT = """
+import atexit, sys, threading, types
+import sitecustomize
+atexit.register(lambda: print("atexit ran", flush=True))
+if sys.argv[1] == "thread":
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    atexit.register(stop.set)
+m = types.SimpleNamespace(run_exp=lambda: sys.stdout.write("trained\\n"))  # buffered, not yet flushed
+sitecustomize._exit_after("run_exp")(m)
+m.run_exp()
+print("after run_exp")
+if sys.argv[1] == "thread":
+    stop.set()
+"""
+
+
+@pytest.mark.parametrize("case, printed", [
+    ("plain", ["trained", "atexit ran"]),                      # ends right after: no module teardown
+    ("thread", ["trained", "after run_exp", "atexit ran"]),    # a live non-daemon thread: the normal way
+])
+def test_fast_exit_runs_atexit_flushes_and_exits_zero(case, printed):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(BOOT_DIR)}
+    out = subprocess.run([sys.executable, "-c", EXIT, case], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == printed
+
+
+def test_fast_exit_wraps_llamafactorys_train_and_export():
+    code = ("import llamafactory.train.tuner as t; print(t.run_exp.__name__, t.export_model.__name__); "
+            "from llamafactory.train.tuner import run_exp; print(run_exp is t.run_exp)")
+    env = {**os.environ, "PYTHONPATH": str(BOOT_DIR), "LFW_FAST_EXIT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["done_then_exit", "done_then_exit", "True"], out.stderr[-2000:]
 
 
 def test_cudnn_attention_is_off_only_when_asked():

@@ -499,6 +499,7 @@ def speed(args) -> dict:
                 ("lfw+neat_packing", "-packing", "llamafactory: {neat_packing: true}\n", args.via, False, {}),
                 ("lfw+gc", "-gc", "gradient_checkpointing: true\n", args.via, False, {}),
                 ("lfw, a second run", "-again", "", args.via, False, {}),  # run-to-run spread
+                ("lfw, without the fast exit", "-noexit", "", args.via, False, {"LFW_FAST_EXIT": "0"}),
                 ("lfw, batch 16", "-b16", "batch_size: 16\ngradient_accumulation: 1\n", args.via, False, {}),
                 ("lfw, cuDNN attention", "-cudnn", "", args.via, False, {"LFW_CUDNN_ATTENTION": "1"}),
                 ("lfw, as on 2026-11-27 (no start-up shortcuts, cuDNN attention)", "-slow", "", args.via, False,

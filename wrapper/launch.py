@@ -68,11 +68,12 @@ def hidden_modules(plan: dict, train_yaml: dict | None = None) -> list[str]:
 
 def boot_env(hide: list[str]) -> dict[str, str]:
     """The environment that starts a LLaMA-Factory process through wrapper/boot: that folder first on
-    PYTHONPATH, `hide` hidden, LFW_FAST_START=1 (two transformers shortcuts with the same results) and
-    LFW_CUDNN_ATTENTION=0 (no per-length cuDNN attention plans); see the boot module. LFW_HIDE_MODULES,
-    LFW_FAST_START or LFW_CUDNN_ATTENTION set by the user win."""
+    PYTHONPATH, `hide` hidden, LFW_FAST_START=1 (two transformers shortcuts with the same results),
+    LFW_CUDNN_ATTENTION=0 (no per-length cuDNN attention plans) and LFW_FAST_EXIT=1 (no module teardown
+    after a finished train or export); see the boot module. Any of these set by the user wins."""
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(BOOT_DIR), os.environ.get("PYTHONPATH", "")) if p)}
-    for key, value in (("LFW_HIDE_MODULES", ",".join(hide)), ("LFW_FAST_START", "1"), ("LFW_CUDNN_ATTENTION", "0")):
+    for key, value in (("LFW_HIDE_MODULES", ",".join(hide)), ("LFW_FAST_START", "1"), ("LFW_CUDNN_ATTENTION", "0"),
+                       ("LFW_FAST_EXIT", "1")):
         if key not in os.environ:
             env[key] = value
     return env

@@ -263,14 +263,15 @@ def gpu_tflops(name: str) -> float | None:
 # Measured on one H100 (BENCH.md, 2026-11-28). At identity-sized batches a micro-step is bound by Python
 # and kernel launches (~6.5 ms per layer for LoRA on all linear layers with cuDNN attention off, ~1.9x
 # that for 4-bit QLoRA with checkpointing), not by FLOPs. Start-up and shut-down (imports ~15 s,
-# tokenizer, data, LoRA and trainer set-up, saving, exit) cost ~23 s on top of reading the weights, and
-# bitsandbytes' import adds ~5 s to a quantized run.
+# tokenizer, data, LoRA and trainer set-up, saving, exit) cost ~22 s on top of reading the weights
+# (23.5 s before lfw's fast exit, which took 1.4 s off the end of the run), and bitsandbytes' import adds
+# ~5 s to a quantized run.
 MFU = {"lora": 0.25, "qlora": 0.12, "full": 0.30}
 LAYER_STEP_S = 0.0065
 QLORA_STEP = 1.9               # dequantizing kernels
 CKPT_STEP = 1.25               # recomputation
 FIRST_STEPS_S = 2.0            # cuBLAS set-up and the first steps
-STARTUP_S = 23.5
+STARTUP_S = 22.0
 BNB_IMPORT_S = 5.0
 LOAD_GBPS = 5.0
 

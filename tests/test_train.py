@@ -136,6 +136,38 @@ def test_a_nan_loss_in_the_trainer_log_is_seen(tmp_path):
     assert [non_finite_loss(r) for r in read_records(log)] == [False, True, True, False]
 
 
+def test_a_diverging_run_is_flagged(tmp_path, tiny_model):
+    """A model whose final norm is nan gives a nan loss from the first step: LLaMA-Factory logs it (lfw turns
+    its nan filter off), lfw warns while it trains and at the end, and the manifest, still strict JSON,
+    says from which step."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from wrapper.runs import find_run
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path, f"""\
+name: diverged
+model: {broken}
+identity: {{name: Nova, author: Acme Labs}}
+epochs: 1
+max_samples: 16
+batch_size: 4
+logging_steps: 1
+""")
+    r = lfw("train", recipe, env={"LFW_RUNS": str(tmp_path / "runs")}, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning: the training loss is nan at step 1: training has diverged" in r.stderr
+    assert "the loss was not finite from step 1 on" in r.stderr
+    run = find_run("diverged", tmp_path / "runs")
+    m = json.loads((run / "manifest.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the manifest"))
+    assert m["diverged_at_step"] == 1 and m["final_loss"] is None
+
+
 # ------------------------------------------------------------------ slow: the real trainer
 
 @pytest.mark.slow

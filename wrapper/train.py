@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import math
 import os
 import platform
 import re
@@ -113,6 +114,10 @@ def _checkpoint_tokens(ckpt: Path | None) -> int:
 
 # ------------------------------------------------------------------ the run record
 
+def _finite(x):
+    return x if not isinstance(x, float) or math.isfinite(x) else None
+
+
 def collect(run_dir: Path, session_tokens_start: int = 0, session_seconds: float | None = None) -> dict:
     """Copy metrics (and any plots LLaMA-Factory drew) to the run's top level, draw the loss plot;
     return the figures for the manifest."""
@@ -137,9 +142,9 @@ def collect(run_dir: Path, session_tokens_start: int = 0, session_seconds: float
     last = steps[-1] if steps else {}
     figures: dict = {
         "steps": {"done": last.get("current_steps", 0), "total": last.get("total_steps")},
-        "final_loss": losses[-1] if losses else None,
-        "train_loss_mean": results.get("train_loss"),
-        "eval_loss": results.get("eval_loss", evals[-1] if evals else None),
+        "final_loss": _finite(losses[-1] if losses else None),  # nan/inf: None (JSON has neither), and
+        "train_loss_mean": _finite(results.get("train_loss")),  # the run's diverged_at_step says when
+        "eval_loss": _finite(results.get("eval_loss", evals[-1] if evals else None)),
         "epoch": last.get("epoch"),
         "checkpoints": [p.name for p in checkpoints(adapter)],
     }

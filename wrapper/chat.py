@@ -28,8 +28,8 @@ from wrapper.runs import read_manifest
 
 def lf_env(**extra: str) -> dict[str, str]:
     """Environment for a LLaMA-Factory child (chat, export, api): its info logs off unless the user asked
-    for them, and the start-up shortcuts of wrapper/boot (as for training: LFW_FAST_START, LFW_CUDNN_ATTENTION=0,
-    sklearn and matplotlib hidden; bitsandbytes stays, a QLoRA run's base model is loaded in 4 bits)."""
+    for them, and launch.boot_env's switches as for training, with sklearn and matplotlib hidden
+    (bitsandbytes stays: a QLoRA run's base model is loaded in 4 bits)."""
     from wrapper.launch import boot_env
 
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUNBUFFERED": "1"}

@@ -39,7 +39,7 @@ def llamafactory_cli() -> str:
     return found
 
 
-BOOT_DIR = Path(__file__).resolve().parent / "boot"  # sitecustomize.py: LFW_HIDE_MODULES, LFW_FAST_START, LFW_CUDNN_ATTENTION
+BOOT_DIR = Path(__file__).resolve().parent / "boot"  # sitecustomize.py: the switches of boot_env()
 
 
 def uses_bitsandbytes(plan: dict) -> bool:
@@ -99,8 +99,8 @@ def _death_signal():
     return preexec
 
 
-DIVERGED_HINT = ("training has diverged and the adapter will not be usable; "
-                 "lower learning_rate (or use bf16 rather than fp16) and train again")
+DIVERGED_HINT = ("training has diverged and the adapter will not be usable; lower learning_rate in the "
+                 "recipe (or set precision: bf16 instead of fp16 where the GPU has it) and train again")
 
 
 @dataclass
